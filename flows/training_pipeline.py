@@ -1,0 +1,44 @@
+"""The `training-pipeline` flow: ingest, preprocess, train, evaluate, export, register, infer.
+
+Each task asks DVC whether its stage changed and commits it to dvc.lock after running, so this
+flow and `dvc repro` share one cache and lock. Runs without a server (Prefect's ephemeral mode).
+"""
+
+from __future__ import annotations
+
+from prefect import flow, task
+from prefect.cache_policies import NONE
+
+from tasks import stage
+from tasks.evaluate import evaluate_task
+from tasks.export import export_task
+from tasks.infer import infer_task
+from tasks.ingest import ingest_task
+from tasks.preprocess import preprocess_task
+from tasks.register import register_task
+from tasks.train import train_task
+
+configure_task = task(stage.configure, name="configure", cache_policy=NONE)
+
+STAGES = (
+    ingest_task,
+    preprocess_task,
+    train_task,
+    evaluate_task,
+    export_task,
+    register_task,
+    infer_task,
+)
+
+
+@flow(name="training-pipeline", log_prints=True)
+def training_pipeline(
+    overrides: list[str] | None = None, force: bool = False, root: str = "."
+) -> dict[str, stage.StageOutcome]:
+    """Run every stage. `overrides`: dotted `key=value` params; `force`: rerun unchanged stages."""
+    configure_task(root, overrides)
+    return {t.name: t(root, force) for t in STAGES}
+
+
+if __name__ == "__main__":
+    training_pipeline()

@@ -1,0 +1,56 @@
+"""Text tower: a BERT encoder from transformers, built from a config or a local directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, BertConfig, BertModel
+
+from model.config import TextTowerConfig
+
+
+def build_text_encoder(cfg: TextTowerConfig, load_weights: bool = True) -> nn.Module:
+    if cfg.pretrained:
+        path = Path(cfg.pretrained)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model.text.pretrained: no config.json in {path}")
+        overrides = {
+            "hidden_dropout_prob": cfg.dropout,
+            "attention_probs_dropout_prob": cfg.dropout,
+        }
+        if load_weights:
+            return AutoModel.from_pretrained(
+                path, local_files_only=True, add_pooling_layer=False, **overrides
+            )
+        config = AutoConfig.from_pretrained(path, local_files_only=True, **overrides)
+        return AutoModel.from_config(config, add_pooling_layer=False)
+    if cfg.hidden_size % cfg.num_heads:
+        raise ValueError(
+            f"model.text.hidden_size ({cfg.hidden_size}) must be divisible by "
+            f"model.text.num_heads ({cfg.num_heads})"
+        )
+    if cfg.vocab_size is None:
+        raise ValueError("model.text.vocab_size must be set (train fills it from the tokenizer)")
+    config = BertConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=cfg.max_positions,
+        hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.dropout,
+    )
+    return BertModel(config, add_pooling_layer=False)
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.Tensor:
+    # hidden: (B, L, H); attention_mask: (B, L) with 1 for real tokens.
+    if how == "cls":
+        return hidden[:, 0]
+    if how == "mean":
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    raise ValueError(f"model.text.pooling: unknown pooling {how!r}")

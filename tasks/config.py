@@ -1,0 +1,245 @@
+"""params.yaml -> typed, validated config. The only place settings are read from."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from model.config import ModelConfig
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ConfigError(ValueError):
+    """params.yaml (or an override) is invalid; the message names every offending dotted key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PathsParams(_Section):
+    raw: str = "data/raw"
+    prepared: str = "data/prepared"
+    train: str = "models/train"
+    train_history: str = "reports/train_history.csv"
+    metrics: str = "reports/metrics.json"
+    recall_plot: str = "reports/recall_at_k.csv"
+    figures: str = "reports/figures"
+    onnx: str = "models/onnx"
+    export_report: str = "reports/export.json"
+    register_report: str = "reports/register.json"
+    infer: str = "outputs/infer"
+
+
+class CocoSource(_Section):
+    images_dir: str | None = None
+    captions_json: str | None = None
+
+
+class CsvSource(_Section):
+    path: str | None = None
+    image_root: str | None = None
+
+
+class IngestParams(_Section):
+    source: Literal["builtin", "coco", "csv"] = "builtin"
+    seed: int = 0
+    num_images: int = Field(2000, ge=1)
+    image_size: int = Field(96, ge=32, le=1024)
+    captions_per_image: int = Field(5, ge=1, le=10)
+    min_objects: int = Field(1, ge=1, le=6)
+    max_objects: int = Field(3, ge=1, le=6)
+    coco: CocoSource = CocoSource()
+    csv: CsvSource = CsvSource()
+
+    @model_validator(mode="after")
+    def _check_source(self) -> IngestParams:
+        if self.min_objects > self.max_objects:
+            raise ValueError("min_objects must be <= max_objects")
+        if self.source == "coco" and not (self.coco.images_dir and self.coco.captions_json):
+            raise ValueError("source 'coco' needs coco.images_dir and coco.captions_json")
+        if self.source == "csv" and not (self.csv.path and self.csv.image_root):
+            raise ValueError("source 'csv' needs csv.path and csv.image_root")
+        return self
+
+
+class PreprocessParams(_Section):
+    seed: int = 0
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    image_size: int = Field(64, ge=16, le=1024)
+    max_length: int = Field(32, ge=4, le=512)
+    # WordPiece vocabulary trained on the train captions when model.text.pretrained is not set.
+    vocab_size: int = Field(1000, ge=50)
+    shard_size: int = Field(1024, ge=1)
+
+    @model_validator(mode="after")
+    def _check_fractions(self) -> PreprocessParams:
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("val_fraction + test_fraction must be < 1")
+        return self
+
+
+class TrainParams(_Section):
+    seed: int = 0
+    epochs: int = Field(8, ge=1)
+    # Optional cap on optimiser steps (tests, smoke runs); None trains for all epochs.
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.1, ge=0.0)
+    warmup_steps: int = Field(50, ge=0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    # Mixed precision: fp16 autocast + GradScaler on CUDA, bf16 autocast on CPU when set to "bf16".
+    amp: Literal["auto", "off", "bf16"] = "auto"
+    num_threads: int = Field(0, ge=0)
+    log_every: int = Field(10, ge=1)
+
+
+class EvaluateParams(_Section):
+    ks: list[int] = Field(default_factory=lambda: [1, 5, 10], min_length=1)
+    batch_size: int = Field(256, ge=1)
+
+    @model_validator(mode="after")
+    def _check_ks(self) -> EvaluateParams:
+        if any(k < 1 for k in self.ks):
+            raise ValueError("ks must all be >= 1")
+        return self
+
+
+class ExportParams(_Section):
+    opset: int = Field(18, ge=18)
+    parity_atol: float = Field(1e-4, gt=0.0)
+    parity_batch: int = Field(4, ge=2)
+
+
+class MlflowParams(_Section):
+    # MLFLOW_TRACKING_URI in the environment takes precedence (servers, deployments).
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "xmodal"
+
+
+class RegisterParams(_Section):
+    model_name: str = Field("xmodal-dual-encoder", min_length=1)
+    candidate_alias: str = "candidate"
+    champion_alias: str = "champion"
+
+
+class InferParams(_Section):
+    top_k: int = Field(5, ge=1)
+    chunk_size: int = Field(256, ge=1)
+    # "auto" uses CUDA when it actually initialises, else the CPU.
+    provider: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(0, ge=0)
+    queries: list[str] = Field(default_factory=list)
+
+
+# pydantic warns that the stage name `register` shadows BaseModel.register (an ABC classmethod that
+# nothing here uses); the section keeps the stage's name.
+warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
+
+
+class Params(_Section):
+    paths: PathsParams = PathsParams()
+    ingest: IngestParams = IngestParams()
+    preprocess: PreprocessParams = PreprocessParams()
+    model: ModelConfig = ModelConfig()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    export: ExportParams = ExportParams()
+    mlflow: MlflowParams = MlflowParams()
+    register: RegisterParams = RegisterParams()
+    infer: InferParams = InferParams()
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON of every setting: the params hash recorded in lineage."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key")
+            continue
+        msg = e["msg"].removeprefix("Value error, ")
+        msg = msg.replace("Input should be ", "must be ")
+        lines.append(f"{key} {msg} (got {e.get('input')!r})")
+    return "invalid params:\n  " + "\n  ".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'train.lr=0.001' -> (['train', 'lr'], 0.001); the value is parsed as YAML."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    data = copy.deepcopy(raw)
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            child = node.setdefault(k, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {k} is not a section")
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def validate(raw: dict[str, Any]) -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections")
+    return data
+
+
+def load_params(path: Path = DEFAULT_PARAMS, overrides: list[str] | None = None) -> Params:
+    """Read, override by dotted key, and validate params. Raises ConfigError before any work."""
+    return validate(apply_overrides(read_yaml(path), overrides))
+
+
+def persist_overrides(path: Path, overrides: list[str]) -> None:
+    """Write overrides into params.yaml, as `dvc exp run -S` does, so dvc.lock records what ran.
+
+    Uses DVC's own round-trip YAML writer, which keeps comments and key order.
+    """
+    from dvc.utils.serialize import modify_yaml
+
+    load_params(path, overrides)  # validate first; never write a broken file
+    with modify_yaml(path) as data:
+        for item in overrides:
+            keys, value = parse_override(item)
+            node = data
+            for k in keys[:-1]:
+                if k not in node:
+                    node[k] = {}
+                node = node[k]
+            node[keys[-1]] = value

@@ -1,0 +1,136 @@
+"""evaluate: image<->text Recall@K and ranks on the test split; metrics.json and plots.
+
+Multi-caption protocol: an image query is correct at K if any of its captions is in the top K.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display
+import matplotlib.pyplot as plt  # noqa: E402
+import mlflow  # noqa: E402
+from prefect import task  # noqa: E402
+from prefect.cache_policies import NONE  # noqa: E402
+
+from model import retrieval_metrics  # noqa: E402
+from tasks import stage, tracking  # noqa: E402
+from tasks.config import EvaluateParams, MlflowParams, Params  # noqa: E402
+from tasks.data import embed_split, load_split  # noqa: E402
+from tasks.train import load_checkpoint  # noqa: E402
+
+
+@dataclass(frozen=True)
+class EvaluateResult:
+    metrics: dict[str, float]
+    figures: list[str]
+
+
+def read_history(path: Path) -> tuple[list[int], list[float]]:
+    steps, losses = [], []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            steps.append(int(row["step"]))
+            losses.append(float(row["loss"]))
+    return steps, losses
+
+
+def plot_loss(history_csv: Path, out: Path) -> Path:
+    steps, losses = read_history(history_csv)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, losses, lw=1)
+    ax.set(xlabel="step", ylabel="InfoNCE loss", title="Training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def plot_recall(metrics: dict[str, float], ks: list[int], out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    width = 0.38
+    xs = range(len(ks))
+    for shift, name, label in ((-width / 2, "i2t", "image→text"), (width / 2, "t2i", "text→image")):
+        vals = [metrics[f"{name}_R{k}"] for k in ks]
+        bars = ax.bar([x + shift for x in xs], vals, width, label=label)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.set_xticks(list(xs), [f"R@{k}" for k in ks])
+    ax.set(ylim=(0, 1.05), ylabel="recall", title="Test retrieval")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def evaluate(
+    p: EvaluateParams,
+    train_dir: Path,
+    prepared: Path,
+    history_csv: Path,
+    metrics_json: Path,
+    recall_csv: Path,
+    figures: Path,
+    mlflow_p: MlflowParams,
+    root: Path,
+) -> EvaluateResult:
+    """Score the trained checkpoint on the test split and write metrics and plots."""
+    net, _ = load_checkpoint(train_dir)
+    test = load_split(prepared, "test")
+    img, txt = embed_split(net, test, p.batch_size)
+    m = retrieval_metrics(img @ txt.T, test.image_index, ks=p.ks)
+    m = {k: round(v, 6) for k, v in m.items()}
+    metrics_json.parent.mkdir(parents=True, exist_ok=True)
+    metrics_json.write_text(
+        json.dumps(
+            {"test": m, "test_size": {"images": len(test), "captions": len(test.captions)}},
+            indent=2,
+        )
+    )
+    recall_csv.parent.mkdir(parents=True, exist_ok=True)
+    with open(recall_csv, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["k", "i2t", "t2i"])
+        for k in p.ks:
+            w.writerow([k, m[f"i2t_R{k}"], m[f"t2i_R{k}"]])
+    figures.mkdir(parents=True, exist_ok=True)
+    figs = [
+        plot_loss(history_csv, figures / "loss.png"),
+        plot_recall(m, p.ks, figures / "recall.png"),
+    ]
+    with tracking.resume_run(mlflow_p, root, train_dir / tracking.RUN_FILE):
+        mlflow.log_metrics({f"test/{k}": v for k, v in m.items()})
+        for fig in figs:
+            mlflow.log_artifact(str(fig), artifact_path="plots")
+        mlflow.log_artifact(str(metrics_json), artifact_path="reports")
+    return EvaluateResult(m, [str(f) for f in figs])
+
+
+def run(params: Params, root: Path) -> EvaluateResult:
+    paths = params.paths
+    return evaluate(
+        params.evaluate,
+        root / paths.train,
+        root / paths.prepared,
+        root / paths.train_history,
+        root / paths.metrics,
+        root / paths.recall_plot,
+        root / paths.figures,
+        params.mlflow,
+        root,
+    )
+
+
+@task(name="evaluate", cache_policy=NONE, timeout_seconds=3600)
+def evaluate_task(root: str = ".", force: bool = False) -> stage.StageOutcome:
+    return stage.run_stage("evaluate", run, root, force)
+
+
+if __name__ == "__main__":
+    stage.main("evaluate", run)

@@ -1,0 +1,216 @@
+"""export: the two towers to ONNX (dynamic batch and sequence), checked for parity with PyTorch.
+
+Writes image_encoder.onnx, text_encoder.onnx, the tokenizer and meta.json to paths.onnx, so
+inference needs neither torch nor the checkpoint. Parity (max abs embedding difference and
+identical top-1 retrievals, on fresh random inputs and on the test split) goes to export.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from prefect import task
+from prefect.cache_policies import NONE
+from torch import nn
+from torch.export import Dim
+
+from model import DualEncoder
+from tasks import stage
+from tasks.config import ExportParams, Params
+from tasks.data import load_split, read_json, to_pixels
+from tasks.onnx_runtime import make_session, run_chunked
+from tasks.preprocess import TOKENIZER_DIR
+from tasks.train import load_checkpoint
+
+log = logging.getLogger("xmodal")
+
+IMAGE_ONNX = "image_encoder.onnx"
+TEXT_ONNX = "text_encoder.onnx"
+META = "meta.json"
+# ONNX Runtime 1.2x reads IR versions up to 10/11 reliably; the exporter may stamp a newer one.
+MAX_IR_VERSION = 10
+
+
+class ImageEncoder(nn.Module):
+    def __init__(self, net: DualEncoder) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.net.encode_image(pixels)
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, net: DualEncoder) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.net.encode_text(input_ids, attention_mask)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    parity: dict
+    out: str
+
+
+def _export(module: nn.Module, args: tuple, names: list[str], shapes: dict, path: Path, opset: int):
+    module.eval()
+    torch.onnx.export(
+        module,
+        args,
+        str(path),
+        input_names=names,
+        output_names=["embeddings"],
+        dynamic_shapes=shapes,
+        opset_version=opset,
+        dynamo=True,
+        external_data=False,
+        verbose=False,
+    )
+    proto = onnx.load(str(path))
+    if proto.ir_version > MAX_IR_VERSION:
+        proto.ir_version = MAX_IR_VERSION
+        onnx.save(proto, str(path))
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def export_towers(
+    net: DualEncoder, image_size: int, max_length: int, out: Path, opset: int
+) -> None:
+    batch = Dim("batch", min=1, max=65536)
+    seq = Dim("seq", min=2, max=net.text.config.max_position_embeddings)
+    pixels = torch.rand(2, 3, image_size, image_size)
+    _export(
+        ImageEncoder(net), (pixels,), ["pixels"], {"pixels": {0: batch}}, out / IMAGE_ONNX, opset
+    )
+    ids = torch.randint(0, net.text.config.vocab_size, (2, max_length))
+    mask = torch.ones(2, max_length, dtype=torch.int64)
+    _export(
+        TextEncoder(net),
+        (ids, mask),
+        ["input_ids", "attention_mask"],
+        {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
+        out / TEXT_ONNX,
+        opset,
+    )
+
+
+def _top1_agree(a_img, a_txt, b_img, b_txt) -> bool:
+    sa, sb = a_img @ a_txt.T, b_img @ b_txt.T
+    return bool((sa.argmax(1) == sb.argmax(1)).all() and (sa.argmax(0) == sb.argmax(0)).all())
+
+
+@torch.no_grad()
+def check_parity(net: DualEncoder, onnx_dir: Path, prepared: Path, p: ExportParams) -> dict:
+    """Compare ONNX Runtime with PyTorch on fresh random inputs and on the whole test split."""
+    img_sess = make_session(onnx_dir / IMAGE_ONNX, "cpu")
+    txt_sess = make_session(onnx_dir / TEXT_ONNX, "cpu")
+    meta = read_json(onnx_dir / META)
+    gen = torch.Generator().manual_seed(1234)
+    n, size, length = p.parity_batch, meta["image_size"], meta["max_length"]
+    rand_pix = torch.rand(n, 3, size, size, generator=gen)
+    # A shorter sequence than at export time exercises the dynamic sequence axis.
+    rand_ids = torch.randint(0, net.text.config.vocab_size, (n, max(2, length // 2)), generator=gen)
+    rand_mask = torch.ones_like(rand_ids)
+    rand_mask[n // 2 :, -1] = 0
+
+    test = load_split(prepared, "test")
+    test_pix = to_pixels(test.images)
+    test_ids, test_mask = torch.from_numpy(test.input_ids), torch.from_numpy(test.attention_mask)
+
+    def both(pix, ids, mask):
+        t_img = torch.cat(
+            [net.encode_image(pix[i : i + 256]) for i in range(0, len(pix), 256)]
+        ).numpy()
+        t_txt = torch.cat(
+            [net.encode_text(ids[i : i + 256], mask[i : i + 256]) for i in range(0, len(ids), 256)]
+        ).numpy()
+        o_img = run_chunked(img_sess, {"pixels": pix.numpy()}, 256)
+        o_txt = run_chunked(
+            txt_sess, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}, 256
+        )
+        return {
+            "max_abs_diff_image": float(np.abs(t_img - o_img).max()),
+            "max_abs_diff_text": float(np.abs(t_txt - o_txt).max()),
+            "top1_identical": _top1_agree(t_img, t_txt, o_img, o_txt),
+        }
+
+    random_inputs = both(rand_pix, rand_ids, rand_mask)
+    test_split = both(test_pix, test_ids, test_mask)
+    worst = max(
+        random_inputs["max_abs_diff_image"],
+        random_inputs["max_abs_diff_text"],
+        test_split["max_abs_diff_image"],
+        test_split["max_abs_diff_text"],
+    )
+    passed = (
+        worst <= p.parity_atol and random_inputs["top1_identical"] and test_split["top1_identical"]
+    )
+    return {
+        "passed": bool(passed),
+        "atol": p.parity_atol,
+        "max_abs_diff": worst,
+        "random_inputs": random_inputs,
+        "test_split": test_split,
+        "test_images": len(test),
+        "test_captions": len(test.captions),
+    }
+
+
+def export(
+    p: ExportParams, train_dir: Path, prepared: Path, out: Path, report: Path
+) -> ExportResult:
+    """Export both towers, copy the tokenizer beside them, and record parity figures."""
+    net, ckpt = load_checkpoint(train_dir)
+    meta_in = read_json(prepared / "meta.json")
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    export_towers(net, meta_in["image_size"], meta_in["max_length"], out, p.opset)
+    shutil.copytree(prepared / TOKENIZER_DIR, out / TOKENIZER_DIR)
+    meta = {
+        "image_size": meta_in["image_size"],
+        "max_length": meta_in["max_length"],
+        "embed_dim": net.cfg.embed_dim,
+        "opset": p.opset,
+        "image_input": "pixels: float32 (B, 3, H, W) RGB in [0, 1]; normalisation is in the graph",
+        "params_hash": ckpt.get("params_hash"),
+        "model_config": ckpt["model_config"],
+    }
+    (out / META).write_text(json.dumps(meta, indent=2))
+    parity = check_parity(net, out, prepared, p)
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(json.dumps({"parity": parity}, indent=2))
+    if not parity["passed"]:
+        log.warning("ONNX parity FAILED: %s", json.dumps(parity))
+    return ExportResult(parity, str(out))
+
+
+def run(params: Params, root: Path) -> ExportResult:
+    paths = params.paths
+    return export(
+        params.export,
+        root / paths.train,
+        root / paths.prepared,
+        root / paths.onnx,
+        root / paths.export_report,
+    )
+
+
+@task(name="export", cache_policy=NONE, timeout_seconds=3600)
+def export_task(root: str = ".", force: bool = False) -> stage.StageOutcome:
+    return stage.run_stage("export", run, root, force)
+
+
+if __name__ == "__main__":
+    stage.main("export", run)

@@ -1,0 +1,84 @@
+"""MLflow plumbing: tracking URI resolution, the pipeline's run, lineage tags."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.exceptions import MlflowException
+
+from tasks.config import MlflowParams
+
+RUN_FILE = "run.json"
+
+
+def tracking_uri(p: MlflowParams, root: Path) -> str:
+    """MLFLOW_TRACKING_URI wins over params; a relative sqlite path is taken under the project."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or p.tracking_uri
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
+        uri = prefix + str((Path(root) / uri[len(prefix) :]).resolve())
+    return uri
+
+
+def setup(p: MlflowParams, root: Path) -> str:
+    """Point MLflow at the store and select the pipeline's experiment; return its id."""
+    uri = tracking_uri(p, root)
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.get_experiment_by_name(p.experiment)
+    if exp is not None:
+        return mlflow.set_experiment(p.experiment).experiment_id
+    artifacts = None
+    if uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri:
+        # Local stores keep artifacts beside the project, not in the caller's cwd.
+        artifacts = (Path(root).resolve() / "mlartifacts").as_uri()
+    exp_id = mlflow.create_experiment(p.experiment, artifact_location=artifacts)
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, list) else v
+    return out
+
+
+@contextmanager
+def resume_run(p: MlflowParams, root: Path, run_file: Path) -> Iterator[mlflow.ActiveRun]:
+    """Re-open the run that train started (its id is in run_file); start a new one if it is gone."""
+    setup(p, root)
+    run_id = json.loads(Path(run_file).read_text())["run_id"] if Path(run_file).is_file() else None
+    try:
+        if run_id:
+            mlflow.get_run(run_id)
+    except MlflowException:
+        run_id = None
+    with mlflow.start_run(run_id=run_id) as run:
+        yield run
+
+
+def git_state(root: Path) -> dict[str, str]:
+    """Current commit and whether the tracked tree differs from it."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return {"git_commit": "unknown", "git_dirty": "unknown"}
+    return {"git_commit": commit, "git_dirty": str(dirty).lower()}

@@ -1,0 +1,259 @@
+"""train: fit the dual encoder with the symmetric InfoNCE loss; log steps to MLflow.
+
+Writes checkpoint.pt (weights + model config + params hash) and run.json (the MLflow run id that
+evaluate, export and register append to) under paths.train, and a per-step history CSV.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+from prefect import task
+from prefect.cache_policies import NONE
+from tqdm import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from model import ClipLoss, DualEncoder, ModelConfig, retrieval_metrics
+from tasks import stage, tracking
+from tasks.config import MlflowParams, Params, TrainParams
+from tasks.data import embed_split, load_split, read_json, to_pixels
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_id: str
+    steps: int
+    seconds: float
+    final_loss: float
+    samples_per_second: float
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device is {name!r} but CUDA is not available")
+    return torch.device(name)
+
+
+def autocast_settings(amp: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, whether a GradScaler is needed)."""
+    if amp == "off":
+        return None, False
+    if device.type == "cuda":
+        if amp == "bf16" or torch.cuda.is_bf16_supported():
+            return torch.bfloat16, False
+        return torch.float16, True  # fp16 needs loss scaling
+    return (torch.bfloat16, False) if amp == "bf16" else (None, False)
+
+
+def param_groups(net: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms, embeddings and the temperature (as in CLIP)."""
+    decay, no_decay = [], []
+    for name, prm in net.named_parameters():
+        if not prm.requires_grad:
+            continue
+        flat = prm.ndim < 2 or "embeddings" in name or "logit_scale" in name
+        (no_decay if flat else decay).append(prm)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_model(cfg: ModelConfig, prepared: Path) -> DualEncoder:
+    """The configured model, completed with what preprocess decided (vocabulary, pixel stats)."""
+    meta = read_json(prepared / "meta.json")
+    if cfg.text.pretrained is None:
+        if cfg.text.vocab_size not in (None, meta["vocab_size"]):
+            raise ValueError(
+                f"model.text.vocab_size ({cfg.text.vocab_size}) does not match the tokenizer "
+                f"({meta['vocab_size']}); leave it unset, preprocess decides it"
+            )
+        text = cfg.text.model_copy(
+            update={
+                "vocab_size": meta["vocab_size"],
+                "max_positions": max(cfg.text.max_positions, meta["max_length"]),
+            }
+        )
+        cfg = cfg.model_copy(update={"text": text})
+    stats = read_json(prepared / "stats.json")
+    return DualEncoder(cfg, pixel_stats=(stats["mean"], stats["std"]))
+
+
+def train(
+    p: TrainParams,
+    model_cfg: ModelConfig,
+    prepared: Path,
+    out: Path,
+    history_csv: Path,
+    mlflow_p: MlflowParams,
+    root: Path,
+    params_hash: str,
+    all_params: dict,
+) -> TrainResult:
+    """Train on the prepared train split, validate each epoch, save a self-describing checkpoint."""
+    torch.manual_seed(p.seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if p.num_threads:
+        torch.set_num_threads(p.num_threads)
+    device = select_device(p.device)
+    amp_dtype, use_scaler = autocast_settings(p.amp, device)
+
+    data = load_split(prepared, "train")
+    val = load_split(prepared, "val") if (prepared / "val").is_dir() else None
+    net = build_model(model_cfg, prepared).to(device)
+    loss_fn = ClipLoss()
+    steps_per_epoch = len(data) // p.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"train.batch_size ({p.batch_size}) exceeds the {len(data)} training images"
+        )
+    total = (
+        p.epochs * steps_per_epoch
+        if p.max_steps is None
+        else min(p.max_steps, p.epochs * steps_per_epoch)
+    )
+    opt = torch.optim.AdamW(param_groups(net, p.weight_decay), lr=p.lr)
+    sched = get_cosine_schedule_with_warmup(opt, min(p.warmup_steps, total // 2), total)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    # One caption per image per step, drawn with the run's own generator: reproducible.
+    rng = np.random.default_rng(p.seed)
+    captions_of = [[] for _ in range(len(data))]
+    for c, i in enumerate(data.image_index):
+        captions_of[i].append(c)
+
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    history_csv = Path(history_csv)
+    history_csv.parent.mkdir(parents=True, exist_ok=True)
+
+    tracking.setup(mlflow_p, root)
+    with mlflow.start_run() as run, open(history_csv, "w", newline="") as hist:
+        (out / tracking.RUN_FILE).write_text(json.dumps({"run_id": run.info.run_id}))
+        mlflow.log_params(tracking.flatten(all_params))
+        mlflow.set_tags(
+            {"params_hash": params_hash, "device": str(device), **tracking.git_state(root)}
+        )
+        writer = csv.writer(hist)
+        writer.writerow(["step", "epoch", "loss", "lr", "temperature"])
+        step, start, loss_val = 0, time.perf_counter(), float("nan")
+        bar = tqdm(total=total, desc="train", unit="step")
+        for epoch in range(p.epochs):
+            net.train()
+            order = rng.permutation(len(data))
+            for b in range(steps_per_epoch):
+                if step >= total:
+                    break
+                t0 = time.perf_counter()
+                idx = np.sort(order[b * p.batch_size : (b + 1) * p.batch_size])
+                cap = np.array([captions_of[i][rng.integers(len(captions_of[i]))] for i in idx])
+                pixels = to_pixels(data.images[idx]).to(device, non_blocking=True)
+                ids = torch.from_numpy(data.input_ids[cap]).to(device)
+                mask = torch.from_numpy(data.attention_mask[cap]).to(device)
+                ctx = (
+                    torch.autocast(device.type, dtype=amp_dtype)
+                    if amp_dtype
+                    else contextlib.nullcontext()
+                )
+                with ctx:
+                    img, txt, scale = net(pixels, ids, mask)
+                    loss = loss_fn(img.float(), txt.float(), scale)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(net.parameters(), p.grad_clip)
+                scaler.step(opt)
+                scaler.update()
+                sched.step()
+                net.clamp_logit_scale_()
+                step += 1
+                loss_val = float(loss.detach())
+                temperature = 1.0 / float(net.scale().detach())
+                lr = sched.get_last_lr()[0]
+                writer.writerow([step, epoch, f"{loss_val:.6f}", f"{lr:.6g}", f"{temperature:.6f}"])
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_val:.3f}", epoch=epoch)
+                if step % p.log_every == 0 or step == total:
+                    mlflow.log_metrics(
+                        {
+                            "train/loss": loss_val,
+                            "train/lr": lr,
+                            "train/temperature": temperature,
+                            "train/samples_per_s": len(idx) / (time.perf_counter() - t0),
+                        },
+                        step=step,
+                        synchronous=False,
+                    )
+            if val is not None and len(val) > 1:
+                img_e, txt_e = embed_split(net, val, 256, device)
+                m = retrieval_metrics(img_e @ txt_e.T, val.image_index, ks=(1, 5))
+                mlflow.log_metrics(
+                    {f"val/{k}": v for k, v in m.items()}, step=step, synchronous=False
+                )
+                bar.write(f"epoch {epoch}: val i2t_R1={m['i2t_R1']:.3f} t2i_R1={m['t2i_R1']:.3f}")
+            if step >= total:
+                break
+        bar.close()
+        seconds = time.perf_counter() - start
+        sps = step * p.batch_size / seconds
+        mlflow.log_metrics(
+            {"train/seconds": seconds, "train/samples_per_s_mean": sps, "train/steps": step}
+        )
+        torch.save(
+            net.cpu().checkpoint(params_hash=params_hash, mlflow_run_id=run.info.run_id),
+            out / CHECKPOINT,
+        )
+        mlflow.flush_async_logging()
+    if not math.isfinite(loss_val):
+        raise FloatingPointError(f"training diverged: final loss {loss_val}")
+    return TrainResult(run.info.run_id, step, seconds, loss_val, sps)
+
+
+def run(params: Params, root: Path) -> TrainResult:
+    paths = params.paths
+    return train(
+        params.train,
+        params.model,
+        root / paths.prepared,
+        root / paths.train,
+        root / paths.train_history,
+        params.mlflow,
+        root,
+        params.digest(),
+        params.model_dump(mode="json"),
+    )
+
+
+def load_checkpoint(train_dir: Path) -> tuple[DualEncoder, dict]:
+    path = Path(train_dir) / CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}: run the train stage first")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    net = DualEncoder.from_checkpoint(ckpt)
+    net.eval()
+    return net, ckpt
+
+
+# Never retried: a failed training run is not an I/O hiccup.
+@task(name="train", cache_policy=NONE, retries=0, timeout_seconds=4 * 3600)
+def train_task(root: str = ".", force: bool = False) -> stage.StageOutcome:
+    return stage.run_stage("train", run, root, force)
+
+
+if __name__ == "__main__":
+    stage.main("train", run)

@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny params (small towers, batch 8, CPU) and data the tests make themselves."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+COCO_MINI = ROOT.parent / "shared" / "data" / "coco-mini"
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+TINY = {
+    "ingest": {"num_images": 48, "image_size": 48, "seed": 3},
+    "preprocess": {
+        "image_size": 32,
+        "max_length": 24,
+        "vocab_size": 300,
+        "shard_size": 16,
+        "val_fraction": 0.125,
+        "test_fraction": 0.25,
+    },
+    "model": {
+        "image": {"backbone": "resnet18", "weights": "none"},
+        "text": {
+            "hidden_size": 32,
+            "num_layers": 1,
+            "num_heads": 2,
+            "intermediate_size": 64,
+            "max_positions": 32,
+        },
+        "embed_dim": 16,
+    },
+    "train": {
+        "epochs": 1,
+        "batch_size": 8,
+        "max_steps": 3,
+        "warmup_steps": 1,
+        "device": "cpu",
+        "log_every": 1,
+    },
+    "evaluate": {"batch_size": 16},
+    "infer": {"chunk_size": 7, "queries": ["a red circle on the left", "a small blue square"]},
+}
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = (
+            deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        )
+    return out
+
+
+def tiny_params_dict(**sections) -> dict:
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    return deep_merge(deep_merge(base, TINY), sections)
+
+
+@pytest.fixture
+def tiny_params():
+    from tasks.config import validate
+
+    return validate(tiny_params_dict())
+
+
+@pytest.fixture
+def coco_mini() -> Path:
+    if not (COCO_MINI / "annotations" / "captions_val2017.json").is_file():
+        pytest.skip(f"coco-mini not present at {COCO_MINI}")
+    return COCO_MINI

@@ -1,0 +1,103 @@
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tasks.config import CocoSource, CsvSource, IngestParams
+from tasks.ingest import DatasetError, ingest, read_manifest
+
+
+def _params(**kw) -> IngestParams:
+    return IngestParams(num_images=12, image_size=48, **kw)
+
+
+def test_builtin_is_deterministic_in_coco_layout(tmp_path: Path):
+    a = ingest(_params(seed=7), tmp_path / "a")
+    ingest(_params(seed=7), tmp_path / "b")
+    assert a.num_images == 12 and a.num_captions == 60
+    ra, rb = read_manifest(tmp_path / "a"), read_manifest(tmp_path / "b")
+    assert [r.sha256 for r in ra] == [r.sha256 for r in rb]
+    assert [r.captions for r in ra] == [r.captions for r in rb]
+    coco = json.loads((tmp_path / "a" / "captions.json").read_text())
+    assert {"images", "annotations"} <= set(coco) and len(coco["annotations"]) == 60
+    assert (tmp_path / "a" / ra[0].path).is_file()
+    with Image.open(tmp_path / "a" / ra[0].path) as img:
+        assert img.size == (48, 48)
+
+
+def test_builtin_captions_are_varied(tmp_path: Path):
+    ingest(_params(seed=1), tmp_path)
+    records = read_manifest(tmp_path)
+    assert all(len(set(r.captions)) == 5 for r in records)
+    words = {w for r in records for c in r.captions for w in c.split()}
+    assert {"left", "right"} & words and len(words) > 40
+    other = ingest(_params(seed=2), tmp_path / "other")
+    assert other.num_images == 12
+    assert read_manifest(tmp_path / "other")[0].sha256 != records[0].sha256
+
+
+def test_coco_source_on_coco_mini(tmp_path: Path, coco_mini: Path):
+    src = CocoSource(
+        images_dir=str(coco_mini / "val2017"),
+        captions_json=str(coco_mini / "annotations" / "captions_val2017.json"),
+    )
+    res = ingest(IngestParams(source="coco", coco=src), tmp_path)
+    records = read_manifest(tmp_path)
+    assert res.num_images == 79 == len(records)
+    assert all(len(r.captions) >= 5 for r in records)
+    assert records[0].path.startswith("images/") and (tmp_path / records[0].path).is_file()
+
+
+def _csv_dataset(tmp_path: Path) -> tuple[Path, Path]:
+    root = tmp_path / "flickr"
+    (root / "Images").mkdir(parents=True)
+    rows = ["image,caption"]
+    for i in range(3):
+        Image.new("RGB", (20, 30), (i * 60, 10, 10)).save(root / "Images" / f"im{i}.jpg")
+        rows += [f'im{i}.jpg,"a photo, number {i} variant {k}"' for k in range(5)]
+    (root / "captions.txt").write_text("\n".join(rows) + "\n")
+    return root / "captions.txt", root / "Images"
+
+
+def test_csv_source(tmp_path: Path):
+    path, images = _csv_dataset(tmp_path)
+    res = ingest(
+        IngestParams(source="csv", csv=CsvSource(path=str(path), image_root=str(images))),
+        tmp_path / "out",
+    )
+    records = read_manifest(tmp_path / "out")
+    assert res.num_images == 3 and res.num_captions == 15
+    assert records[1].captions[0] == "a photo, number 1 variant 0"  # quoted commas survive
+
+
+def test_csv_missing_image_is_an_error(tmp_path: Path):
+    path, images = _csv_dataset(tmp_path)
+    (images / "im2.jpg").unlink()
+    with pytest.raises(DatasetError, match="im2.jpg"):
+        ingest(
+            IngestParams(source="csv", csv=CsvSource(path=str(path), image_root=str(images))),
+            tmp_path / "o",
+        )
+
+
+def test_csv_bad_header(tmp_path: Path):
+    bad = tmp_path / "c.csv"
+    bad.write_text("file,text\na.jpg,hello\n")
+    with pytest.raises(DatasetError, match="'image' and 'caption'"):
+        ingest(
+            IngestParams(source="csv", csv=CsvSource(path=str(bad), image_root=str(tmp_path))),
+            tmp_path / "o",
+        )
+
+
+def test_coco_missing_keys_and_files(tmp_path: Path):
+    (tmp_path / "imgs").mkdir()
+    cap = tmp_path / "c.json"
+    cap.write_text(json.dumps({"images": [{"id": 1, "file_name": "x.jpg"}], "annotations": []}))
+    src = CocoSource(images_dir=str(tmp_path / "imgs"), captions_json=str(cap))
+    with pytest.raises(DatasetError, match="missing"):
+        ingest(IngestParams(source="coco", coco=src), tmp_path / "o")
+    cap.write_text(json.dumps({"pictures": []}))
+    with pytest.raises(DatasetError, match="'images' and 'annotations'"):
+        ingest(IngestParams(source="coco", coco=src), tmp_path / "o")
