@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from tasks.config import DEFAULT_PARAMS, ConfigError, load_params
+
+# Prefect's ephemeral API server migrates its database on first start, which takes longer than
+# Prefect's 20 s default on a 2-core machine.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 

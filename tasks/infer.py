@@ -19,7 +19,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NONE
-from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from tasks import stage
@@ -167,7 +166,7 @@ def infer(
         emb_path, i2t_path = out / "image_embeddings.parquet", out / "image_to_text.jsonl"
         writer = None
         with open(i2t_path, "w") as i2t:
-            bar = tqdm(total=len(files), desc="infer: images", unit="img")
+            bar = stage.progress(total=len(files), desc="infer: images", unit="img")
             for batch, pixels in _decoded_chunks(files, meta["image_size"], p.chunk_size, errors):
                 emb = img_sess.run(None, {"pixels": pixels})[0]  # (chunk, D), L2-normalised
                 ids = [str(f.relative_to(images_dir)) for f in batch]

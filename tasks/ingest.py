@@ -18,7 +18,6 @@ from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NONE
-from tqdm import tqdm
 
 from tasks import stage, synthetic
 from tasks.config import CocoSource, CsvSource, IngestParams, Params
@@ -111,7 +110,7 @@ def read_coco(images_dir: Path, captions_json: Path) -> list[Record]:
 
 def _generate_builtin(p: IngestParams, out: Path) -> None:
     images, annotations = [], []
-    for i in tqdm(range(p.num_images), desc="ingest: generating", unit="img"):
+    for i in stage.progress(range(p.num_images), desc="ingest: generating", unit="img"):
         img, caps = synthetic.generate(
             i, p.seed, p.image_size, p.captions_per_image, p.min_objects, p.max_objects
         )
@@ -125,7 +124,7 @@ def _generate_builtin(p: IngestParams, out: Path) -> None:
 
 
 def _copy_images(pairs: list[tuple[Path, str]], out: Path) -> None:
-    for src, rel in tqdm(pairs, desc="ingest: copying", unit="img"):
+    for src, rel in stage.progress(pairs, desc="ingest: copying", unit="img"):
         dst = out / IMAGES_DIR / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, dst)

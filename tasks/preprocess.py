@@ -20,7 +20,6 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from prefect import task
 from prefect.cache_policies import NONE
-from tqdm import tqdm
 from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerBase
 
 from tasks import stage
@@ -121,7 +120,7 @@ def _write_split(
         arr = np.stack(
             [
                 load_image(raw / r.path, p.image_size)
-                for r in tqdm(chunk, desc=f"preprocess: {name}", unit="img", leave=False)
+                for r in stage.progress(chunk, desc=f"preprocess: {name}", unit="img", leave=False)
             ]
         )  # (N, S, S, 3) uint8
         np.save(d / f"images_{start // p.shard_size:03d}.npy", arr)

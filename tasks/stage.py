@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from tqdm import tqdm
 
 from tasks.config import DEFAULT_PARAMS, Params, load_params
 
@@ -87,3 +90,9 @@ def configure(root: Path | str = ".", overrides: list[str] | None = None) -> str
 
         persist_overrides(path, overrides)
     return params.digest()
+
+
+def progress(iterable=None, **kwargs) -> tqdm:
+    """A tqdm bar that redraws at most every 30 s when stderr is not a terminal (CI, logs)."""
+    kwargs.setdefault("mininterval", 0.1 if sys.stderr.isatty() else 30.0)
+    return tqdm(iterable, **kwargs)

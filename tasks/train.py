@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from prefect import task
 from prefect.cache_policies import NONE
-from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from model import ClipLoss, DualEncoder, ModelConfig, retrieval_metrics
@@ -152,7 +151,7 @@ def train(
         writer = csv.writer(hist)
         writer.writerow(["step", "epoch", "loss", "lr", "temperature"])
         step, start, loss_val = 0, time.perf_counter(), float("nan")
-        bar = tqdm(total=total, desc="train", unit="step")
+        bar = stage.progress(total=total, desc="train", unit="step")
         for epoch in range(p.epochs):
             net.train()
             order = rng.permutation(len(data))

@@ -1,0 +1,170 @@
+"""End to end: the real flow (Prefect ephemeral API), real DVC, real MLflow sqlite store and real
+ONNX Runtime, on tiny params, in a throwaway git repository."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+import yaml
+
+from .conftest import ROOT, tiny_params_dict
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+MODEL = "xmodal-dual-encoder"
+
+
+def _env(repo: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        PREFECT_HOME=str(repo / ".prefect"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DO_NOT_TRACK="1",
+        TQDM_DISABLE="1",
+    )
+    return env
+
+
+def _sh(repo: Path, *args: str, timeout: int = 900) -> str:
+    proc = subprocess.run(
+        args, cwd=repo, env=_env(repo), capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+def _xmodal(repo: Path, *args: str) -> str:
+    return _sh(repo, sys.executable, "-m", "tasks.cli", "run", "--root", str(repo), *args)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    repo = tmp_path_factory.mktemp("xmodal-e2e")
+    for d in ("tasks", "model", "flows"):
+        shutil.copytree(ROOT / d, repo / d, ignore=shutil.ignore_patterns("__pycache__"))
+    for f in ("dvc.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore"):
+        (repo / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / f, repo / f)
+    (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict(), sort_keys=False))
+    _sh(repo, "git", "init", "-q")
+    _sh(repo, "git", "add", "-A")
+    _sh(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def first_run(repo: Path) -> str:
+    return _xmodal(repo)
+
+
+def _mlflow_client(repo: Path):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    return mlflow.MlflowClient()
+
+
+def test_flow_writes_every_artifact(repo: Path, first_run: str):
+    for rel in (
+        "data/raw/manifest.jsonl",
+        "data/raw/captions.json",
+        "data/prepared/meta.json",
+        "data/prepared/stats.json",
+        "data/prepared/tokenizer/tokenizer.json",
+        "models/train/checkpoint.pt",
+        "reports/train_history.csv",
+        "reports/recall_at_k.csv",
+        "reports/figures/loss.png",
+        "reports/figures/recall.png",
+        "models/onnx/tokenizer/tokenizer.json",
+        "outputs/infer/image_embeddings.parquet",
+        "outputs/infer/text_embeddings.parquet",
+        "outputs/infer/image_to_text.jsonl",
+    ):
+        assert (repo / rel).is_file(), rel
+    metrics = json.loads((repo / "reports/metrics.json").read_text())["test"]
+    for key in (
+        "i2t_R1",
+        "i2t_R5",
+        "i2t_R10",
+        "t2i_R1",
+        "t2i_R10",
+        "i2t_mean_rank",
+        "t2i_median_rank",
+    ):
+        assert 0.0 <= metrics[key] <= 48
+    for name in ("image_encoder.onnx", "text_encoder.onnx"):
+        proto = onnx.load(str(repo / "models/onnx" / name))
+        onnx.checker.check_model(proto)
+        assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 18
+    parity = json.loads((repo / "reports/export.json").read_text())["parity"]
+    assert parity["passed"], parity
+    assert parity["max_abs_diff"] <= 1e-4
+    assert parity["random_inputs"]["top1_identical"] and parity["test_split"]["top1_identical"]
+    rows = [
+        json.loads(x) for x in (repo / "outputs/infer/text_to_image.jsonl").read_text().splitlines()
+    ]
+    assert [r["query"] for r in rows] == ["a red circle on the left", "a small blue square"]
+    assert all(len(r["results"]) == 5 for r in rows)
+    assert "demo queries" in first_run and "outputs:" in first_run
+
+
+def test_registered_version_with_lineage(repo: Path, first_run: str):
+    client = _mlflow_client(repo)
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    candidate = client.get_model_version_by_alias(MODEL, "candidate")
+    assert champion.version == candidate.version == "1"
+    run = client.get_run(candidate.run_id)
+    head = _sh(repo, "git", "rev-parse", "HEAD").strip()
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    data_md5 = next(o["md5"] for o in lock["stages"]["ingest"]["outs"] if o["path"] == "data/raw")
+    assert run.data.tags["git_commit"] == head
+    assert run.data.tags["dvc_data_version"] == data_md5 == candidate.tags["dvc_data_version"]
+    assert run.data.params["train.batch_size"] == "8"
+    assert "test/i2t_R1" in run.data.metrics and "train/loss" in run.data.metrics
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert len(history) == 3  # one point per step with log_every=1
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"checkpoint", "plots", "reports"} <= artifacts
+
+
+def test_rerun_skips_everything_and_dvc_agrees(repo: Path, first_run: str):
+    status = json.loads(_sh(repo, sys.executable, "-m", "dvc", "status", "--json"))
+    assert status == {}, status
+    second = _xmodal(repo)
+    stages_line = next(line for line in second.splitlines() if line.startswith("stages:"))
+    assert stages_line.count("skipped") == 7, stages_line
+    out = _sh(repo, sys.executable, "-m", "dvc", "repro")
+    assert "didn't change" in out or "up to date" in out, out
+    assert "Running stage" not in out
+
+
+def test_forced_rerun_reproduces_metrics_and_adds_a_candidate(repo: Path, first_run: str):
+    before = (repo / "reports/metrics.json").read_text()
+    _xmodal(repo, "--force")
+    assert (repo / "reports/metrics.json").read_text() == before
+    client = _mlflow_client(repo)
+    assert client.get_model_version_by_alias(MODEL, "candidate").version == "2"
+    assert client.get_model_version_by_alias(MODEL, "champion").version == "1"
+
+
+def test_flow_after_dvc_repro_skips(repo: Path, first_run: str):
+    _sh(repo, "git", "add", "-A")  # params change below is the only difference
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["evaluate"]["ks"] = [1, 2, 5, 10]
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = _sh(repo, sys.executable, "-m", "dvc", "repro")
+    assert "Running stage 'evaluate'" in out and "Running stage 'train'" not in out
+    assert "i2t_R2" in (repo / "reports/metrics.json").read_text()
+    again = _xmodal(repo)
+    stages_line = next(line for line in again.splitlines() if line.startswith("stages:"))
+    assert stages_line.count("skipped") == 7, stages_line

@@ -1,0 +1,104 @@
+"""ONNX export parity on fresh random inputs, and batch inference, on a tiny untrained model."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from tasks.config import ExportParams, InferParams, IngestParams, PreprocessParams
+from tasks.export import check_parity, export
+from tasks.infer import TopK, infer, resolve_model
+from tasks.ingest import ingest
+from tasks.preprocess import preprocess
+from tasks.train import CHECKPOINT, build_model
+
+from .conftest import tiny_params_dict
+
+
+def test_topk_streaming_matches_brute_force():
+    rng = np.random.default_rng(0)
+    sim = rng.normal(size=(4, 23)).astype(np.float32)
+    top = TopK(4, 5)
+    for start in range(0, 23, 6):
+        top.update(sim[:, start : start + 6], start)
+    expected = np.argsort(-sim, axis=1, kind="stable")[:, :5]
+    assert np.array_equal(top.ids, expected)
+    assert np.allclose(top.scores, np.take_along_axis(sim, expected, 1))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    from tasks.config import validate
+
+    root = tmp_path_factory.mktemp("export")
+    params = validate(tiny_params_dict())
+    ingest(IngestParams(num_images=16, image_size=40), root / "raw")
+    preprocess(
+        PreprocessParams(image_size=32, max_length=16, test_fraction=0.25),
+        None,
+        root / "raw",
+        root / "prep",
+    )
+    torch.manual_seed(0)
+    net = build_model(params.model, root / "prep")
+    (root / "train").mkdir()
+    torch.save(net.checkpoint(params_hash="test"), root / "train" / CHECKPOINT)
+    export(ExportParams(), root / "train", root / "prep", root / "onnx", root / "export.json")
+    return root
+
+
+def test_export_parity_on_random_inputs(exported: Path):
+    report = json.loads((exported / "export.json").read_text())["parity"]
+    assert report["passed"], report
+    assert report["random_inputs"]["max_abs_diff_image"] <= 1e-4
+    assert report["random_inputs"]["max_abs_diff_text"] <= 1e-4
+
+
+def test_parity_check_can_fail(exported: Path):
+    # A model that differs from the exported one must not pass.
+    from tasks.train import load_checkpoint
+
+    net, _ = load_checkpoint(exported / "train")
+    with torch.no_grad():
+        net.image_proj.weight.add_(0.05)
+    report = check_parity(net, exported / "onnx", exported / "prep", ExportParams())
+    assert not report["passed"]
+
+
+def test_infer_skips_unreadable_images_and_writes_everything(exported: Path, tmp_path: Path):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for src in sorted((exported / "raw" / "images").iterdir())[:9]:
+        (images / src.name).write_bytes(src.read_bytes())
+    (images / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    queries = ["a red circle", "two shapes on a gray background", "a small star"]
+    model_dir = resolve_model(str(exported / "onnx"))
+    res = infer(InferParams(top_k=4, chunk_size=4), model_dir, images, queries, tmp_path / "out")
+    assert (res.images, res.texts, res.errors) == (9, 3, 1)
+    errors = [json.loads(x) for x in (tmp_path / "out/errors.jsonl").read_text().splitlines()]
+    assert errors[0]["path"].endswith("broken.jpg")
+    emb = pq.read_table(tmp_path / "out/image_embeddings.parquet")
+    assert emb.num_rows == 9 and "broken.jpg" not in emb.column("id").to_pylist()
+    vecs = np.stack(emb.column("embedding").to_numpy(zero_copy_only=False))
+    assert np.allclose(np.linalg.norm(vecs, axis=1), 1, atol=1e-5)
+    t2i = [json.loads(x) for x in (tmp_path / "out/text_to_image.jsonl").read_text().splitlines()]
+    assert [len(r["results"]) for r in t2i] == [4, 4, 4]
+    # the streamed top-k equals brute force over all image embeddings
+    q = np.stack(
+        pq.read_table(tmp_path / "out/text_embeddings.parquet")
+        .column("embedding")
+        .to_numpy(zero_copy_only=False)
+    )
+    ids = emb.column("id").to_pylist()
+    best = np.argsort(-(q @ vecs.T), axis=1, kind="stable")[:, :4]
+    assert [[h["image"] for h in r["results"]] for r in t2i] == [
+        [ids[i] for i in row] for row in best
+    ]
+
+
+def test_resolve_model_rejects_incomplete_folders(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match="meta.json"):
+        resolve_model(str(tmp_path))
