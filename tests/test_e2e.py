@@ -122,7 +122,7 @@ def test_registered_version_with_lineage(repo: Path, first_run: str):
     client = _mlflow_client(repo)
     champion = client.get_model_version_by_alias(MODEL, "champion")
     candidate = client.get_model_version_by_alias(MODEL, "candidate")
-    assert champion.version == candidate.version == "1"
+    assert str(champion.version) == str(candidate.version) == "1"
     run = client.get_run(candidate.run_id)
     head = _sh(repo, "git", "rev-parse", "HEAD").strip()
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
@@ -153,8 +153,8 @@ def test_forced_rerun_reproduces_metrics_and_adds_a_candidate(repo: Path, first_
     _xmodal(repo, "--force")
     assert (repo / "reports/metrics.json").read_text() == before
     client = _mlflow_client(repo)
-    assert client.get_model_version_by_alias(MODEL, "candidate").version == "2"
-    assert client.get_model_version_by_alias(MODEL, "champion").version == "1"
+    assert str(client.get_model_version_by_alias(MODEL, "candidate").version) == "2"
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "1"
 
 
 def test_flow_after_dvc_repro_skips(repo: Path, first_run: str):
