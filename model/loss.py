@@ -19,3 +19,79 @@ class ClipLoss(nn.Module):
         loss_i2t = F.cross_entropy(logits_per_image, labels)
         loss_t2i = F.cross_entropy(logits_per_image.T, labels)
         return (loss_i2t + loss_t2i) / 2
+
+
+def hard_negatives(sim: torch.Tensor) -> torch.Tensor:
+    """One in-batch negative per row, drawn with probability softmax(sim) over the other columns.
+
+    Hard negatives for ITM as in ALBEF (Li et al. 2021): similar-but-wrong pairs are drawn most.
+    sim: (B, B) with positives on the diagonal -> (B,) column indices, never the diagonal.
+    """
+    weights = sim.detach().float().softmax(dim=1)
+    weights = weights * (1 - torch.eye(sim.shape[0], device=sim.device))
+    weights = weights + 1e-12 * (1 - torch.eye(sim.shape[0], device=sim.device))  # no zero rows
+    return torch.multinomial(weights, 1).squeeze(1)
+
+
+def itm_loss(
+    fusion: nn.Module,
+    text_hidden: torch.Tensor,
+    attention_mask: torch.Tensor,
+    fmap: torch.Tensor,
+    sim: torch.Tensor,
+) -> torch.Tensor:
+    """Binary matched/unmatched cross-entropy over B positives and 2B mined hard negatives."""
+    b = sim.shape[0]
+    neg_text = hard_negatives(sim)  # for image i, a wrong caption
+    neg_image = hard_negatives(sim.T)  # for caption j, a wrong image
+    hidden = torch.cat([text_hidden, text_hidden[neg_text], text_hidden])
+    mask = torch.cat([attention_mask, attention_mask[neg_text], attention_mask])
+    fmaps = torch.cat([fmap, fmap, fmap[neg_image]])
+    labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(sim.device)
+    return F.cross_entropy(fusion(hidden, mask, fmaps), labels)
+
+
+class LossWeighting(nn.Module):
+    """Combine named losses: fixed weights, learned uncertainty, or auxiliary weights ramped in.
+
+    uncertainty: sum_i exp(-s_i) L_i + s_i with a learned log-variance s_i per loss
+    (Kendall, Gal & Cipolla 2018); the fixed weights are then unused.
+    schedule: the first loss keeps its weight; the others ramp linearly from 0 over ramp_epochs.
+    """
+
+    def __init__(
+        self, weights: dict[str, float], mode: str = "fixed", ramp_epochs: float = 1.0
+    ) -> None:
+        super().__init__()
+        if mode not in ("fixed", "uncertainty", "schedule"):
+            raise ValueError(f"train.loss.weighting: unknown mode {mode!r}")
+        self.names = list(weights)
+        self.weights = dict(weights)
+        self.mode = mode
+        self.ramp_epochs = ramp_epochs
+        self.log_vars = (
+            nn.Parameter(torch.zeros(len(self.names))) if mode == "uncertainty" else None
+        )
+
+    def current_weights(self, epoch: float) -> dict[str, float]:
+        if self.mode == "uncertainty":
+            return {
+                n: float(torch.exp(-s.detach()))
+                for n, s in zip(self.names, self.log_vars, strict=True)
+            }
+        if self.mode == "schedule":
+            ramp = min(1.0, epoch / self.ramp_epochs) if self.ramp_epochs > 0 else 1.0
+            return {
+                n: w * (1.0 if i == 0 else ramp) for i, (n, w) in enumerate(self.weights.items())
+            }
+        return dict(self.weights)
+
+    def forward(self, losses: dict[str, torch.Tensor], epoch: float = 0.0) -> torch.Tensor:
+        if self.mode == "uncertainty":
+            idx = {n: i for i, n in enumerate(self.names)}
+            return sum(
+                torch.exp(-self.log_vars[idx[n]]) * v + self.log_vars[idx[n]]
+                for n, v in losses.items()
+            )
+        w = self.current_weights(epoch)
+        return sum(w[n] * v for n, v in losses.items())

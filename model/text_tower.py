@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.resources
 from pathlib import Path
 
 import torch
@@ -11,9 +12,23 @@ from transformers import AutoConfig, AutoModel, BertConfig, BertModel
 from model.config import TextTowerConfig
 
 
+def resolve_pretrained(spec: str) -> Path:
+    """A local directory, or `pkg:<package>/<folder>` inside an installed package."""
+    if spec.startswith("pkg:"):
+        package, _, sub = spec[4:].partition("/")
+        try:
+            base = Path(str(importlib.resources.files(package)))
+        except ModuleNotFoundError:
+            raise FileNotFoundError(
+                f"model.text.pretrained: package {package!r} is not installed"
+            ) from None
+        return base / sub
+    return Path(spec)
+
+
 def build_text_encoder(cfg: TextTowerConfig, load_weights: bool = True) -> nn.Module:
     if cfg.pretrained:
-        path = Path(cfg.pretrained)
+        path = resolve_pretrained(cfg.pretrained)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"model.text.pretrained: no config.json in {path}")
         overrides = {
@@ -50,6 +65,11 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.
     # hidden: (B, L, H); attention_mask: (B, L) with 1 for real tokens.
     if how == "cls":
         return hidden[:, 0]
+    if how == "max":
+        masked = hidden.masked_fill(
+            attention_mask.unsqueeze(-1) == 0, torch.finfo(hidden.dtype).min
+        )
+        return masked.max(1).values
     if how == "mean":
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)

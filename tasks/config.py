@@ -88,6 +88,49 @@ class PreprocessParams(_Section):
         return self
 
 
+class TemperatureParams(_Section):
+    # learnable: CLIP's learned logit scale (clamped); fixed: held at model.init_temperature;
+    # scheduled: cosine from `start` to `end` over training.
+    mode: Literal["learnable", "fixed", "scheduled"] = "learnable"
+    start: float = Field(0.1, gt=0.0, le=1.0)
+    end: float = Field(0.05, gt=0.0, le=1.0)
+
+
+class LossParams(_Section):
+    # fixed: weights as given; uncertainty: learned (Kendall et al. 2018); schedule: auxiliary
+    # losses ramp in linearly over ramp_epochs.
+    weighting: Literal["fixed", "uncertainty", "schedule"] = "fixed"
+    contrastive: float = Field(1.0, gt=0.0)
+    itm: float = Field(1.0, ge=0.0)  # used when model.fusion.enabled
+    multiscale: float = Field(0.5, ge=0.0)  # used when model.multiscale.enabled
+    ramp_epochs: float = Field(2.0, ge=0.0)
+
+
+class TowerOptim(_Section):
+    lr: float | None = Field(None, gt=0.0)  # None: train.lr
+    weight_decay: float | None = Field(None, ge=0.0)  # None: train.weight_decay
+    # None trains every block; 0 freezes the tower; N trains only its last N blocks (LiT).
+    trainable_blocks: int | None = Field(None, ge=0)
+
+
+class HeadsOptim(_Section):
+    lr: float | None = Field(None, gt=0.0)
+    weight_decay: float | None = Field(None, ge=0.0)
+
+
+class AugmentParams(_Section):
+    # Multi-scale RandomResizedCrop: area fraction range; None disables cropping.
+    crop_scale: tuple[float, float] | None = None
+    crop_ratio: tuple[float, float] = (0.75, 1.3333)
+    hflip: bool = False
+
+    @model_validator(mode="after")
+    def _check_scale(self) -> AugmentParams:
+        if self.crop_scale and not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError("crop_scale must satisfy 0 < low <= high <= 1")
+        return self
+
+
 class TrainParams(_Section):
     seed: int = 0
     epochs: int = Field(8, ge=1)
@@ -103,11 +146,19 @@ class TrainParams(_Section):
     amp: Literal["auto", "off", "bf16"] = "auto"
     num_threads: int = Field(0, ge=0)
     log_every: int = Field(10, ge=1)
+    temperature: TemperatureParams = TemperatureParams()
+    loss: LossParams = LossParams()
+    image: TowerOptim = TowerOptim()
+    text: TowerOptim = TowerOptim()
+    heads: HeadsOptim = HeadsOptim()
+    augment: AugmentParams = AugmentParams()
 
 
 class EvaluateParams(_Section):
     ks: list[int] = Field(default_factory=lambda: [1, 5, 10], min_length=1)
     batch_size: int = Field(256, ge=1)
+    # With model.fusion.enabled: re-rank each query's dual-encoder top rerank_k by ITM score.
+    rerank_k: int = Field(10, ge=2)
 
     @model_validator(mode="after")
     def _check_ks(self) -> EvaluateParams:

@@ -22,6 +22,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerBase
 
+from model.text_tower import resolve_pretrained
 from tasks import stage
 from tasks.config import Params, PreprocessParams
 from tasks.ingest import DatasetError, Record, read_manifest
@@ -72,7 +73,7 @@ def build_tokenizer(
 ) -> PreTrainedTokenizerBase:
     """The pretrained text tower's tokenizer, else a WordPiece vocabulary fit to train captions."""
     if pretrained:
-        return AutoTokenizer.from_pretrained(pretrained, local_files_only=True)
+        return AutoTokenizer.from_pretrained(resolve_pretrained(pretrained), local_files_only=True)
     vocab = _wordpiece_vocab(train_captions, p.vocab_size)
     return BertTokenizerFast(vocab={tok: i for i, tok in enumerate(vocab)}, do_lower_case=True)
 

@@ -22,8 +22,9 @@ from prefect import task
 from prefect.cache_policies import NONE
 from transformers import get_cosine_schedule_with_warmup
 
-from model import ClipLoss, DualEncoder, ModelConfig, retrieval_metrics
-from tasks import stage, tracking
+from model import ClipLoss, DualEncoder, LossWeighting, ModelConfig, itm_loss, retrieval_metrics
+from tasks import optim, stage, tracking
+from tasks.augment import augment
 from tasks.config import MlflowParams, Params, TrainParams
 from tasks.data import embed_split, load_split, read_json, to_pixels
 
@@ -56,20 +57,6 @@ def autocast_settings(amp: str, device: torch.device) -> tuple[torch.dtype | Non
             return torch.bfloat16, False
         return torch.float16, True  # fp16 needs loss scaling
     return (torch.bfloat16, False) if amp == "bf16" else (None, False)
-
-
-def param_groups(net: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms, embeddings and the temperature (as in CLIP)."""
-    decay, no_decay = [], []
-    for name, prm in net.named_parameters():
-        if not prm.requires_grad:
-            continue
-        flat = prm.ndim < 2 or "embeddings" in name or "logit_scale" in name
-        (no_decay if flat else decay).append(prm)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
 
 
 def build_model(cfg: ModelConfig, prepared: Path) -> DualEncoder:
@@ -114,7 +101,15 @@ def train(
     data = load_split(prepared, "train")
     val = load_split(prepared, "val") if (prepared / "val").is_dir() else None
     net = build_model(model_cfg, prepared).to(device)
+    frozen = optim.freeze(net, p)
+    optim.setup_temperature(net, p.temperature)
     loss_fn = ClipLoss()
+    weights = {"contrastive": p.loss.contrastive}
+    if net.fusion is not None:
+        weights["itm"] = p.loss.itm
+    if net.ms_proj is not None:
+        weights["multiscale"] = p.loss.multiscale
+    weighting = LossWeighting(weights, p.loss.weighting, p.loss.ramp_epochs).to(device)
     steps_per_epoch = len(data) // p.batch_size
     if steps_per_epoch == 0:
         raise ValueError(
@@ -125,7 +120,7 @@ def train(
         if p.max_steps is None
         else min(p.max_steps, p.epochs * steps_per_epoch)
     )
-    opt = torch.optim.AdamW(param_groups(net, p.weight_decay), lr=p.lr)
+    opt = torch.optim.AdamW(optim.param_groups(net, p, list(weighting.parameters())), lr=p.lr)
     sched = get_cosine_schedule_with_warmup(opt, min(p.warmup_steps, total // 2), total)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     # One caption per image per step, drawn with the run's own generator: reproducible.
@@ -154,6 +149,7 @@ def train(
         bar = stage.progress(total=total, desc="train", unit="step")
         for epoch in range(p.epochs):
             net.train()
+            optim.keep_frozen_eval(frozen)
             order = rng.permutation(len(data))
             for b in range(steps_per_epoch):
                 if step >= total:
@@ -161,7 +157,9 @@ def train(
                 t0 = time.perf_counter()
                 idx = np.sort(order[b * p.batch_size : (b + 1) * p.batch_size])
                 cap = np.array([captions_of[i][rng.integers(len(captions_of[i]))] for i in idx])
-                pixels = to_pixels(data.images[idx]).to(device, non_blocking=True)
+                pixels = augment(to_pixels(data.images[idx]), p.augment).to(
+                    device, non_blocking=True
+                )
                 ids = torch.from_numpy(data.input_ids[cap]).to(device)
                 mask = torch.from_numpy(data.attention_mask[cap]).to(device)
                 ctx = (
@@ -169,9 +167,21 @@ def train(
                     if amp_dtype
                     else contextlib.nullcontext()
                 )
+                if p.temperature.mode == "scheduled":
+                    optim.set_temperature(
+                        net, optim.scheduled_temperature(p.temperature, step, total)
+                    )
                 with ctx:
-                    img, txt, scale = net(pixels, ids, mask)
-                    loss = loss_fn(img.float(), txt.float(), scale)
+                    f = net.features(pixels, ids, mask)
+                    img, txt = f.image.float(), f.text.float()
+                    parts = {"contrastive": loss_fn(img, txt, f.scale)}
+                    if net.fusion is not None:
+                        parts["itm"] = itm_loss(
+                            net.fusion, f.text_hidden, mask, f.fmap, img @ txt.T
+                        )
+                    if net.ms_proj is not None:
+                        parts["multiscale"] = loss_fn(f.image_ms.float(), txt, f.scale)
+                    loss = weighting(parts, epoch + b / steps_per_epoch)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.unscale_(opt)
@@ -181,15 +191,24 @@ def train(
                 sched.step()
                 net.clamp_logit_scale_()
                 step += 1
-                loss_val = float(loss.detach())
+                loss_val = float(parts["contrastive"].detach())
                 temperature = 1.0 / float(net.scale().detach())
                 lr = sched.get_last_lr()[0]
                 writer.writerow([step, epoch, f"{loss_val:.6f}", f"{lr:.6g}", f"{temperature:.6f}"])
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_val:.3f}", epoch=epoch)
                 if step % p.log_every == 0 or step == total:
+                    extra = {f"train/loss_{k}": float(v.detach()) for k, v in parts.items()}
+                    extra.update(
+                        {
+                            f"train/weight_{k}": v
+                            for k, v in weighting.current_weights(epoch).items()
+                        }
+                    )
                     mlflow.log_metrics(
                         {
+                            **extra,
+                            "train/loss_total": float(loss.detach()),
                             "train/loss": loss_val,
                             "train/lr": lr,
                             "train/temperature": temperature,

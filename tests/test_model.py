@@ -6,7 +6,9 @@ import torchvision
 
 from model import ClipLoss, DualEncoder, ModelConfig
 from model.config import ImageTowerConfig, TextTowerConfig
-from tasks.train import autocast_settings, param_groups
+from tasks.config import TrainParams
+from tasks.optim import param_groups
+from tasks.train import autocast_settings
 
 TEXT = TextTowerConfig(
     vocab_size=50, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_positions=16
@@ -73,7 +75,7 @@ def test_weights_from_a_local_file(tmp_path):
     path = tmp_path / "r18.pth"
     torch.save(ref.state_dict(), path)
     net = tiny(weights=str(path))
-    assert torch.equal(net.visual.conv1.weight, ref.conv1.weight)
+    assert torch.equal(net.visual.stages[0][0].weight, ref.conv1.weight)
 
 
 def test_bad_backbone_and_weights_are_named():
@@ -96,7 +98,7 @@ def test_a_few_steps_fit_a_fixed_batch():
     net = tiny().train()
     pixels, ids = _batch(b=6)
     mask = torch.ones_like(ids)
-    opt = torch.optim.AdamW(param_groups(net, 0.01), lr=3e-3)
+    opt = torch.optim.AdamW(param_groups(net, TrainParams(lr=3e-3, weight_decay=0.01)))
     loss_fn = ClipLoss()
     losses = []
     for _ in range(25):
@@ -123,7 +125,8 @@ def test_bf16_autocast_on_cpu_trains():
 
 def test_no_weight_decay_on_biases_norms_and_temperature():
     net = tiny()
-    decay, no_decay = param_groups(net, 0.1)
-    ids = {id(p) for p in no_decay["params"]}
-    assert id(net.logit_scale) in ids and id(net.visual.bn1.weight) in ids
-    assert id(net.image_proj.weight) in {id(p) for p in decay["params"]}
+    groups = {g["name"]: g for g in param_groups(net, TrainParams(weight_decay=0.1))}
+    no_decay = {id(p) for n, g in groups.items() if n.endswith("no_decay") for p in g["params"]}
+    assert id(net.logit_scale) in no_decay and id(net.visual.stages[0][1].weight) in no_decay
+    assert id(net.image_proj.weight) in {id(p) for p in groups["heads"]["params"]}
+    assert groups["heads"]["weight_decay"] == 0.1

@@ -1,0 +1,202 @@
+"""Each option from the alignment notes, switched from params, does what it says."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import DualEncoder, LossWeighting, ModelConfig, hard_negatives, itm_loss
+from model.config import FusionConfig, MultiScaleConfig, TextTowerConfig
+from tasks.augment import augment
+from tasks.config import AugmentParams, TemperatureParams, TrainParams
+from tasks.optim import (
+    freeze,
+    keep_frozen_eval,
+    param_groups,
+    scheduled_temperature,
+    setup_temperature,
+)
+
+TEXT = TextTowerConfig(
+    vocab_size=50, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_positions=16
+)
+STATS = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+
+
+def make(**kw) -> DualEncoder:
+    torch.manual_seed(0)
+    return DualEncoder(ModelConfig(text=kw.pop("text", TEXT), embed_dim=8, **kw), pixel_stats=STATS)
+
+
+def batch(b=4):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 50, (b, 6), generator=g)
+    return torch.rand(b, 3, 64, 64, generator=g), ids, torch.ones_like(ids)
+
+
+# -- temperature -------------------------------------------------------------------------------
+
+
+def test_fixed_temperature_does_not_learn():
+    net = make()
+    setup_temperature(net, TemperatureParams(mode="fixed"))
+    assert not net.logit_scale.requires_grad
+    assert float(net.scale()) == pytest.approx(1 / 0.07, rel=1e-5)
+
+
+def test_scheduled_temperature_is_cosine_from_start_to_end():
+    t = TemperatureParams(mode="scheduled", start=0.1, end=0.05)
+    assert scheduled_temperature(t, 0, 100) == pytest.approx(0.1)
+    assert scheduled_temperature(t, 50, 100) == pytest.approx(0.075)
+    assert scheduled_temperature(t, 100, 100) == pytest.approx(0.05)
+    net = make()
+    setup_temperature(net, t)
+    assert float(net.scale()) == pytest.approx(10.0, rel=1e-5)
+
+
+# -- pooling -----------------------------------------------------------------------------------
+
+
+def test_max_pooling_ignores_padding_and_differs_from_mean():
+    nets = {
+        how: make(text=TEXT.model_copy(update={"pooling": how})).eval() for how in ("max", "mean")
+    }
+    ids = torch.tensor([[2, 7, 9, 3, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0]])
+    garbage = ids.clone()
+    garbage[0, 4:] = 33
+    a = nets["max"].encode_text(ids, mask)
+    assert torch.allclose(a, nets["max"].encode_text(garbage, mask), atol=1e-6)
+    assert not torch.allclose(a, nets["mean"].encode_text(ids, mask))
+
+
+# -- fusion + ITM ------------------------------------------------------------------------------
+
+
+def test_hard_negatives_avoid_the_positive_and_prefer_similar():
+    torch.manual_seed(0)
+    sim = torch.tensor([[1.0, 0.9, -5.0], [0.9, 1.0, -5.0], [-5.0, 0.8, 1.0]]) * 10
+    picks = torch.stack([hard_negatives(sim) for _ in range(200)])
+    assert not (picks == torch.arange(3)).any()
+    assert (picks[:, 0] == 1).float().mean() > 0.99  # image 0's hardest wrong caption is 1
+
+
+def test_fusion_attends_to_patch_tokens_and_itm_trains():
+    net = make(fusion=FusionConfig(enabled=True, dim=16, heads=2))
+    pixels, ids, mask = batch()
+    f = net.features(pixels, ids, mask)
+    assert f.fmap.ndim == 4 and f.fmap.shape[-1] > 1  # spatial map, not a pooled vector
+    logits = net.fusion(f.text_hidden, mask, f.fmap)
+    assert logits.shape == (4, 2)
+    loss = itm_loss(net.fusion, f.text_hidden, mask, f.fmap, f.image @ f.text.T)
+    loss.backward()
+    assert torch.isfinite(loss) and net.fusion.itm.weight.grad.abs().sum() > 0
+    # the fusion head sees where things are: shuffling patches changes its output
+    net.eval()
+    perm = f.fmap.flatten(2)[:, :, torch.randperm(f.fmap.shape[-1] * f.fmap.shape[-2])]
+    shuffled = perm.view_as(f.fmap)
+    with torch.no_grad():
+        assert not torch.allclose(
+            net.fusion(f.text_hidden, mask, f.fmap), net.fusion(f.text_hidden, mask, shuffled)
+        )
+
+
+# -- multi-scale -------------------------------------------------------------------------------
+
+
+def test_multiscale_projects_an_intermediate_stage():
+    net = make(multiscale=MultiScaleConfig(enabled=True, stage=-2))
+    f = net.features(*batch())
+    assert f.image_ms.shape == (4, 8)
+    assert torch.allclose(f.image_ms.norm(dim=-1), torch.ones(4), atol=1e-5)
+    assert net.ms_proj.in_features == net.visual.stage_dims[-2] != net.visual.out_dim
+    with pytest.raises(ValueError, match="model.multiscale.stage"):
+        make(multiscale=MultiScaleConfig(enabled=True, stage=12))
+
+
+# -- loss weighting ----------------------------------------------------------------------------
+
+
+def test_loss_weighting_modes():
+    losses = {"contrastive": torch.tensor(2.0), "itm": torch.tensor(4.0)}
+    fixed = LossWeighting({"contrastive": 1.0, "itm": 0.5})
+    assert float(fixed(losses)) == pytest.approx(4.0)
+    sched = LossWeighting({"contrastive": 1.0, "itm": 0.5}, "schedule", ramp_epochs=2)
+    assert float(sched(losses, epoch=0.0)) == pytest.approx(2.0)
+    assert float(sched(losses, epoch=1.0)) == pytest.approx(3.0)
+    assert float(sched(losses, epoch=5.0)) == pytest.approx(4.0)
+    unc = LossWeighting({"contrastive": 1.0, "itm": 1.0}, "uncertainty")
+    with torch.no_grad():
+        unc.log_vars.copy_(torch.tensor([0.0, math.log(2.0)]))
+    assert float(unc(losses)) == pytest.approx(2.0 + 4.0 / 2 + math.log(2.0))
+    unc(losses).backward()
+    assert unc.log_vars.grad is not None
+
+
+# -- per-tower optimiser and freezing ----------------------------------------------------------
+
+
+def test_per_tower_learning_rates_and_decay():
+    p = TrainParams(
+        lr=1e-3,
+        image={"lr": 1e-4, "weight_decay": 0.0},
+        text={"lr": 2e-4},
+        heads={"lr": 5e-3, "weight_decay": 0.2},
+    )
+    groups = {g["name"]: g for g in param_groups(make(), p)}
+    assert groups["image"]["lr"] == 1e-4 and groups["image"]["weight_decay"] == 0.0
+    assert groups["text"]["lr"] == 2e-4 and groups["text"]["weight_decay"] == p.weight_decay
+    assert groups["heads"]["lr"] == 5e-3 and groups["heads"]["weight_decay"] == 0.2
+
+
+def test_freeze_whole_image_tower_and_all_but_last_text_block():
+    net = make()
+    frozen = freeze(net, TrainParams(image={"trainable_blocks": 0}, text={"trainable_blocks": 1}))
+    assert not any(q.requires_grad for q in net.visual.parameters())
+    assert not any(q.requires_grad for q in net.text.embeddings.parameters())
+    assert not any(q.requires_grad for q in net.text.encoder.layer[0].parameters())
+    assert all(q.requires_grad for q in net.text.encoder.layer[1].parameters())
+    net.train()
+    keep_frozen_eval(frozen)
+    assert not net.visual.stages[1].training and net.text.encoder.layer[1].training
+    names = {g["name"] for g in param_groups(net, TrainParams())}
+    assert "image" not in names  # nothing trainable left in the image tower
+
+
+# -- augmentation ------------------------------------------------------------------------------
+
+
+def test_augmentation_is_seeded_and_off_by_default():
+    pixels = torch.rand(3, 3, 32, 32)
+    assert augment(pixels, AugmentParams()) is pixels
+    p = AugmentParams(crop_scale=(0.5, 0.9), hflip=True)
+    torch.manual_seed(1)
+    a = augment(pixels, p)
+    torch.manual_seed(1)
+    b = augment(pixels, p)
+    assert a.shape == pixels.shape and torch.equal(a, b) and not torch.equal(a, pixels)
+
+
+def test_flip_reverses_left_and_right():
+    img = torch.zeros(1, 3, 8, 8)
+    img[..., :4] = 1.0  # bright on the left
+    flipped = [augment(img, AugmentParams(hflip=True)) for _ in range(20)]
+    assert any(float(f[..., 4:].mean()) == 1.0 for f in flipped)
+
+
+def test_dropout_reaches_text_tower_and_fusion():
+    net = make(
+        text=TEXT.model_copy(update={"dropout": 0.3}),
+        fusion=FusionConfig(enabled=True, dim=16, heads=2, dropout=0.2),
+    )
+    assert net.text.config.hidden_dropout_prob == 0.3
+    assert net.fusion.decoder.layers[0].dropout.p == 0.2
+
+
+def test_imagenet_normalisation_option():
+    net = DualEncoder(ModelConfig(text=TEXT, embed_dim=8, image={"normalization": "imagenet"}))
+    assert torch.allclose(net.pixel_mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))
+    assert F.normalize(torch.ones(2), dim=0).shape == (2,)
