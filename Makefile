@@ -14,10 +14,11 @@ export TQDM_MININTERVAL ?= 5
 install: $(STAMP)
 
 # Reinstalls only when the project's dependencies or the lock change.
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt scripts/provision_weights.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/python scripts/provision_weights.py
 	touch $(STAMP)
 
 run: install

@@ -67,6 +67,9 @@ class ModelConfig(_Strict):
     # CLIP starts the temperature at 0.07 and clamps exp(logit_scale) at 100 (Radford et al. 2021).
     init_temperature: float = Field(0.07, gt=0.0, le=1.0)
     max_logit_scale: float = Field(100.0, gt=1.0)
+    # False (the default here): weights load only from local files, the torch hub cache and
+    # installed packages. True lets torchvision and transformers fetch from their hubs.
+    allow_downloads: bool = False
 
     @property
     def init_logit_scale(self) -> float:

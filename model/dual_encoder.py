@@ -46,8 +46,8 @@ class DualEncoder(nn.Module):
     ) -> None:
         super().__init__()
         self.cfg = cfg
-        self.visual = ImageTower(cfg.image, load_weights=load_weights)
-        self.text = build_text_encoder(cfg.text, load_weights=load_weights)
+        self.visual = ImageTower(cfg.image, load_weights, cfg.allow_downloads)
+        self.text = build_text_encoder(cfg.text, load_weights, cfg.allow_downloads)
         text_dim = self.text.config.hidden_size
         self.image_proj = nn.Linear(self.visual.out_dim, cfg.embed_dim, bias=False)
         self.text_proj = nn.Linear(text_dim, cfg.embed_dim, bias=False)

@@ -15,7 +15,7 @@ from torch import nn
 from model.config import ImageTowerConfig
 
 
-def _resolve_enum_weights(backbone: str, name: str):
+def _resolve_enum_weights(backbone: str, name: str, allow_downloads: bool = False):
     try:
         enum = torchvision.models.get_model_weights(backbone)
     except ValueError as err:
@@ -30,7 +30,7 @@ def _resolve_enum_weights(backbone: str, name: str):
         ) from err
     # No hub access at run time: the file must already be in the torch hub cache.
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-    if not cached.is_file():
+    if not cached.is_file() and not allow_downloads:
         raise FileNotFoundError(
             f"model.image.weights: {backbone} {name} is not in the local torch hub cache "
             f"({cached}); place the file there (make install provisions mobilenet_v2) "
@@ -52,7 +52,9 @@ def _stages(net: nn.Module, backbone: str) -> list[nn.Module]:
 
 
 class ImageTower(nn.Module):
-    def __init__(self, cfg: ImageTowerConfig, load_weights: bool = True) -> None:
+    def __init__(
+        self, cfg: ImageTowerConfig, load_weights: bool = True, allow_downloads: bool = False
+    ) -> None:
         super().__init__()
         if cfg.backbone not in torchvision.models.list_models(torchvision.models):
             raise ValueError(
@@ -66,7 +68,7 @@ class ImageTower(nn.Module):
                     raise FileNotFoundError(f"model.image.weights: no such file {candidate}")
                 local_file = candidate
             else:
-                weights = _resolve_enum_weights(cfg.backbone, cfg.weights)
+                weights = _resolve_enum_weights(cfg.backbone, cfg.weights, allow_downloads)
         net = torchvision.models.get_model(cfg.backbone, weights=weights)
         if local_file is not None:
             net.load_state_dict(torch.load(local_file, map_location="cpu", weights_only=True))

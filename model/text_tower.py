@@ -26,10 +26,12 @@ def resolve_pretrained(spec: str) -> Path:
     return Path(spec)
 
 
-def build_text_encoder(cfg: TextTowerConfig, load_weights: bool = True) -> nn.Module:
+def build_text_encoder(
+    cfg: TextTowerConfig, load_weights: bool = True, allow_downloads: bool = False
+) -> nn.Module:
     if cfg.pretrained:
         path = resolve_pretrained(cfg.pretrained)
-        if not (path / "config.json").is_file():
+        if not allow_downloads and not (path / "config.json").is_file():
             raise FileNotFoundError(f"model.text.pretrained: no config.json in {path}")
         overrides = {
             "hidden_dropout_prob": cfg.dropout,
@@ -37,9 +39,9 @@ def build_text_encoder(cfg: TextTowerConfig, load_weights: bool = True) -> nn.Mo
         }
         if load_weights:
             return AutoModel.from_pretrained(
-                path, local_files_only=True, add_pooling_layer=False, **overrides
+                path, local_files_only=not allow_downloads, add_pooling_layer=False, **overrides
             )
-        config = AutoConfig.from_pretrained(path, local_files_only=True, **overrides)
+        config = AutoConfig.from_pretrained(path, local_files_only=not allow_downloads, **overrides)
         return AutoModel.from_config(config, add_pooling_layer=False)
     if cfg.hidden_size % cfg.num_heads:
         raise ValueError(

@@ -69,11 +69,16 @@ def load_image(path: Path, size: int) -> np.ndarray:
 
 
 def build_tokenizer(
-    p: PreprocessParams, pretrained: str | None, train_captions: list[str]
+    p: PreprocessParams,
+    pretrained: str | None,
+    train_captions: list[str],
+    allow_downloads: bool = False,
 ) -> PreTrainedTokenizerBase:
     """The pretrained text tower's tokenizer, else a WordPiece vocabulary fit to train captions."""
     if pretrained:
-        return AutoTokenizer.from_pretrained(resolve_pretrained(pretrained), local_files_only=True)
+        return AutoTokenizer.from_pretrained(
+            resolve_pretrained(pretrained), local_files_only=not allow_downloads
+        )
     vocab = _wordpiece_vocab(train_captions, p.vocab_size)
     return BertTokenizerFast(vocab={tok: i for i, tok in enumerate(vocab)}, do_lower_case=True)
 
@@ -148,7 +153,13 @@ def _write_split(
     return total, total_sq
 
 
-def preprocess(p: PreprocessParams, text_pretrained: str | None, raw: Path, out: Path):
+def preprocess(
+    p: PreprocessParams,
+    text_pretrained: str | None,
+    raw: Path,
+    out: Path,
+    allow_downloads: bool = False,
+):
     """Split the ingested dataset at `raw` and write training-ready arrays to `out`."""
     raw, out = Path(raw), Path(out)
     records = read_manifest(raw)
@@ -158,7 +169,7 @@ def preprocess(p: PreprocessParams, text_pretrained: str | None, raw: Path, out:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     train_caps = [c for i in splits["train"] for c in by_id[i].captions]
-    tokenizer = build_tokenizer(p, text_pretrained, train_caps)
+    tokenizer = build_tokenizer(p, text_pretrained, train_caps, allow_downloads)
     tokenizer.save_pretrained(out / TOKENIZER_DIR)
     counts = {}
     for name in SPLITS:
@@ -189,6 +200,7 @@ def run(params: Params, root: Path) -> PreprocessResult:
         params.model.text.pretrained,
         root / params.paths.raw,
         root / params.paths.prepared,
+        params.model.allow_downloads,
     )
 
 

@@ -113,3 +113,18 @@ def test_dvc_plots_point_at_params_paths():
             (spec,) = plot.values()
             files |= set(spec["y"])
     assert files == {paths.train_history, paths.recall_plot, paths.figures}
+
+
+PRESETS = sorted((ROOT / "presets").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
+def test_every_preset_loads(preset: Path):
+    p = load_params(preset)
+    assert p.paths == load_params(ROOT / "params.yaml").paths
+
+
+def test_seed_preset_is_the_notes_configuration():
+    p = load_params(ROOT / "presets" / "seed-resnet50-bert.yaml")
+    assert (p.model.image.backbone, p.model.image.weights) == ("resnet50", "IMAGENET1K_V2")
+    assert p.model.text.pretrained == "bert-base-uncased" and p.model.text.hidden_size == 768

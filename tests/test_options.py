@@ -200,3 +200,27 @@ def test_imagenet_normalisation_option():
     net = DualEncoder(ModelConfig(text=TEXT, embed_dim=8, image={"normalization": "imagenet"}))
     assert torch.allclose(net.pixel_mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))
     assert F.normalize(torch.ones(2), dim=0).shape == (2,)
+
+
+def test_seed_preset_builds_and_trains_one_step_without_weights():
+    """ResNet-50 + BERT-base at the preset's sizes; weights `none` since there is no hub here."""
+    from pathlib import Path
+
+    from model import ClipLoss
+    from tasks.config import load_params
+
+    root = Path(__file__).resolve().parents[1]
+    p = load_params(
+        root / "presets" / "seed-resnet50-bert.yaml",
+        ["model.image.weights=none", "model.text.pretrained=null", "model.allow_downloads=false"],
+    )
+    cfg = p.model.model_copy(update={"text": p.model.text.model_copy(update={"vocab_size": 30522})})
+    torch.manual_seed(0)
+    net = DualEncoder(cfg, pixel_stats=STATS)
+    assert net.text.config.num_hidden_layers == 12 and net.visual.out_dim == 2048
+    opt = torch.optim.AdamW(param_groups(net, p.train))
+    ids = torch.randint(5, 30522, (2, 8))
+    loss = ClipLoss()(*net(torch.rand(2, 3, 64, 64), ids, torch.ones_like(ids)))
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)

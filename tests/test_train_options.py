@@ -45,7 +45,13 @@ def test_every_option_trains_and_reranks(tmp_path: Path, monkeypatch):
     assert set(report["test_rerank"]) >= {"i2t_R1", "t2i_R5", "i2t_mean_rank"}
     assert out.metrics["i2t_R1"] == report["test"]["i2t_R1"]
     run = mlflow.get_run(res.run_id)
-    for key in ("train/loss_itm", "train/loss_multiscale", "train/weight_itm", "test/i2t_rerank_qps"):
+    expected = (
+        "train/loss_itm",
+        "train/loss_multiscale",
+        "train/weight_itm",
+        "test/i2t_rerank_qps",
+    )
+    for key in expected:
         assert key in run.data.metrics, key
     assert run.data.params["train.temperature.mode"] == "scheduled"
     assert run.data.params["model.fusion.enabled"] == "True"
