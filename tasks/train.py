@@ -143,6 +143,13 @@ def train(
         mlflow.set_tags(
             {"params_hash": params_hash, "device": str(device), **tracking.git_state(root)}
         )
+        n_trainable = sum(q.numel() for q in net.parameters() if q.requires_grad)
+        mlflow.log_metrics(
+            {
+                "model/parameters": sum(q.numel() for q in net.parameters()),
+                "model/trainable_parameters": n_trainable,
+            }
+        )
         writer = csv.writer(hist)
         writer.writerow(["step", "epoch", "loss", "lr", "temperature"])
         step, start, loss_val = 0, time.perf_counter(), float("nan")

@@ -46,6 +46,7 @@ def test_every_option_trains_and_reranks(tmp_path: Path, monkeypatch):
     assert out.metrics["i2t_R1"] == report["test"]["i2t_R1"]
     run = mlflow.get_run(res.run_id)
     expected = (
+        "model/parameters",
         "train/loss_itm",
         "train/loss_multiscale",
         "train/weight_itm",
