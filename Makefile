@@ -7,7 +7,6 @@ STAMP := $(VENV)/.installed
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
-export TQDM_MININTERVAL ?= 5
 
 .PHONY: install run repro test lint clean
 
