@@ -171,6 +171,9 @@ class ExportParams(_Section):
     opset: int = Field(18, ge=18)
     parity_atol: float = Field(1e-4, gt=0.0)
     parity_batch: int = Field(4, ge=2)
+    # Built beside fp32 and scored on the test split: int8 (static QDQ image, dynamic text), fp16.
+    variants: list[Literal["int8", "fp16"]] = Field(default_factory=lambda: ["int8"])
+    calibration_images: int = Field(256, ge=1)  # train-split images for int8 static calibration
 
 
 class MlflowParams(_Section):
@@ -191,6 +194,7 @@ class InferParams(_Section):
     # "auto" uses CUDA when it actually initialises, else the CPU.
     provider: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(0, ge=0)
+    variant: Literal["fp32", "int8", "fp16"] = "fp32"  # which exported variant serves
     queries: list[str] = Field(default_factory=list)
 
 

@@ -22,7 +22,7 @@ from torch import nn
 from torch.export import Dim
 
 from model import DualEncoder
-from tasks import stage
+from tasks import stage, variants
 from tasks.config import ExportParams, Params
 from tasks.data import load_split, read_json, to_pixels
 from tasks.onnx_runtime import make_session, run_chunked
@@ -166,6 +166,33 @@ def check_parity(net: DualEncoder, onnx_dir: Path, prepared: Path, p: ExportPara
     }
 
 
+def build_variants(p: ExportParams, out: Path, prepared: Path) -> dict:
+    """Build each requested variant; score it and fp32 on the test split through ONNX Runtime."""
+    test = load_split(prepared, "test")
+    ks = [1, 5, 10]
+    fp32 = variants.onnx_retrieval(out, "fp32", test, ks)
+    report = {"fp32": {"metrics": fp32, "bytes": variants.file_sizes(out, "fp32")}}
+    for name in p.variants:
+        try:
+            if name == "int8":
+                calib = load_split(prepared, "train").images[: p.calibration_images]
+                variants.build_int8(out, to_pixels(calib).numpy())
+            else:
+                variants.build_fp16(out)
+            m = variants.onnx_retrieval(out, name, test, ks)
+        except Exception as err:  # noqa: BLE001 - a variant this machine cannot run is reported
+            log.warning("export variant %s unavailable here: %s", name, err)
+            report[name] = {"available": False, "reason": f"{type(err).__name__}: {err}"[:500]}
+            continue
+        report[name] = {
+            "available": True,
+            "metrics": m,
+            "delta_vs_fp32": {k: round(m[k] - fp32[k], 6) for k in m if "_R" in k},
+            "bytes": variants.file_sizes(out, name),
+        }
+    return report
+
+
 def export(
     p: ExportParams, train_dir: Path, prepared: Path, out: Path, report: Path
 ) -> ExportResult:
@@ -190,7 +217,9 @@ def export(
     (out / META).write_text(json.dumps(meta, indent=2))
     parity = check_parity(net, out, prepared, p)
     report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text(json.dumps({"parity": parity}, indent=2))
+    report.write_text(
+        json.dumps({"parity": parity, "variants": build_variants(p, out, prepared)}, indent=2)
+    )
     if not parity["passed"]:
         log.warning("ONNX parity FAILED: %s", json.dumps(parity))
     return ExportResult(parity, str(out))

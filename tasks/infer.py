@@ -27,6 +27,7 @@ from tasks.data import read_json
 from tasks.ingest import DatasetError
 from tasks.onnx_runtime import make_session, run_chunked
 from tasks.preprocess import load_image
+from tasks.variants import variant_file
 
 log = logging.getLogger("xmodal")
 
@@ -129,8 +130,12 @@ def infer(
     meta = read_json(model_dir / "meta.json")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    img_sess = make_session(model_dir / "image_encoder.onnx", p.provider, p.threads)
-    txt_sess = make_session(model_dir / "text_encoder.onnx", p.provider, p.threads)
+    img_sess = make_session(
+        model_dir / variant_file("image_encoder", p.variant), p.provider, p.threads
+    )
+    txt_sess = make_session(
+        model_dir / variant_file("text_encoder", p.variant), p.provider, p.threads
+    )
     files_out = {}
 
     q_emb = np.zeros((0, meta["embed_dim"]), np.float32)

@@ -102,3 +102,18 @@ def test_infer_skips_unreadable_images_and_writes_everything(exported: Path, tmp
 def test_resolve_model_rejects_incomplete_folders(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="meta.json"):
         resolve_model(str(tmp_path))
+
+
+def test_int8_variant_is_built_scored_and_served(exported: Path, tmp_path: Path):
+    variants = json.loads((exported / "export.json").read_text())["variants"]
+    assert variants["int8"]["available"], variants["int8"]
+    assert set(variants["int8"]["delta_vs_fp32"]) >= {"i2t_R1", "t2i_R5"}
+    assert variants["int8"]["bytes"]["image_encoder"] < variants["fp32"]["bytes"]["image_encoder"]
+    res = infer(
+        InferParams(variant="int8"),
+        exported / "onnx",
+        exported / "raw" / "images",
+        ["a red circle"],
+        tmp_path,
+    )
+    assert res.images == 16 and res.errors == 0
