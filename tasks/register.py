@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -53,6 +54,82 @@ def dvc_data_version(root: Path, raw: str) -> str:
     return "unknown"
 
 
+def log_dataset(raw: Path, data_version: str, name: str) -> None:
+    """mlflow.log_input for the ingested folder, with the DVC md5 as its digest."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "can be interpreted in multiple ways": both are local
+        source = resolve_dataset_source(Path(raw).resolve().as_uri())
+    mlflow.log_input(MetaDataset(source, name=name, digest=data_version[:36]), context="training")
+
+
+def model_card(lineage: dict, params: dict, metrics: dict, export: dict) -> str:
+    """The registered version's description: data, params, metrics, parity, export variants."""
+    parity = export["parity"]
+    lines = [
+        "# xmodal dual encoder",
+        "",
+        "## Lineage",
+        *(f"- {k}: `{v}`" for k, v in sorted(lineage.items())),
+        "",
+        "## Data and model",
+        f"- dataset source: `{params['ingest']['source']}`, "
+        f"DVC md5 `{lineage['dvc_data_version']}`",
+        f"- image tower: `{params['model']['image']['backbone']}` "
+        f"(weights `{params['model']['image']['weights']}`)",
+        f"- text tower: `{params['model']['text']['pretrained'] or 'BERT from scratch'}`, "
+        f"pooling `{params['model']['text']['pooling']}`; embed dim {params['model']['embed_dim']}",
+        f"- epochs {params['train']['epochs']}, batch {params['train']['batch_size']}, "
+        f"lr {params['train']['lr']}, seed {params['train']['seed']}",
+        "",
+        "## Test retrieval (PyTorch)",
+        "| metric | value |",
+        "| --- | --- |",
+        *(f"| {k} | {v:.4f} |" for k, v in metrics.items()),
+        "",
+        f"## ONNX parity: {'passed' if parity['passed'] else 'FAILED'}",
+        f"max abs embedding difference {parity['max_abs_diff']:.2e} (tolerance {parity['atol']:g})",
+        "",
+        "## Export variants (ONNX Runtime, test split)",
+        "| variant | i2t R@1 | t2i R@1 | image bytes | text bytes |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, v in export.get("variants", {}).items():
+        if v.get("available", True):
+            m, b = v["metrics"], v["bytes"]
+            lines.append(
+                f"| {name} | {m['i2t_R1']:.4f} | {m['t2i_R1']:.4f} | "
+                f"{b['image_encoder']:,} | {b['text_encoder']:,} |"
+            )
+        else:
+            lines.append(f"| {name} | unavailable here: {v['reason'][:80]} | | | |")
+    return "\n".join(lines)
+
+
+def library_versions() -> dict[str, str]:
+    import onnxruntime
+    import torch
+    import transformers
+
+    return {
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "onnxruntime_version": onnxruntime.__version__,
+    }
+
+
+def prefect_flow_run_id() -> str:
+    """The Prefect flow run this stage runs in, or '' outside Prefect."""
+    try:
+        from prefect.runtime import flow_run
+
+        return str(flow_run.id or "")
+    except Exception:  # noqa: BLE001 - lineage must not fail a registration
+        return ""
+
+
 def register(
     p: RegisterParams,
     mlflow_p: MlflowParams,
@@ -63,13 +140,23 @@ def register(
     report: Path,
     root: Path,
     lineage: dict[str, str],
+    raw: Path,
+    all_params: dict,
 ) -> RegisterResult:
     """Log artifacts and lineage to the training run and register the exported model."""
     metrics = read_json(metrics_json)["test"]
-    parity = read_json(export_json)["parity"]
+    export_report = read_json(export_json)
+    parity = export_report["parity"]
     with tracking.resume_run(mlflow_p, root, train_dir / tracking.RUN_FILE) as run:
         mlflow.set_tags({**lineage, "parity_passed": str(parity["passed"]).lower()})
+        log_dataset(raw, lineage["dvc_data_version"], f"xmodal-{all_params['ingest']['source']}")
         mlflow.log_metrics({f"test/{k}": v for k, v in metrics.items()})
+        for name, v in export_report.get("variants", {}).items():
+            if v.get("available", True):
+                mlflow.log_metrics({f"export/{name}_{k}": x for k, x in v["metrics"].items()})
+                mlflow.log_metrics({f"export/{name}_bytes_{t}": b for t, b in v["bytes"].items()})
+                for k, d in v.get("delta_vs_fp32", {}).items():
+                    mlflow.log_metric(f"export/{name}_delta_{k}", d)
         mlflow.log_metrics(
             {
                 "export/parity_max_abs_diff": parity["max_abs_diff"],
@@ -97,6 +184,7 @@ def register(
         info.model_uri,
         run_id=run_id,
         tags={**lineage, "parity_passed": str(parity["passed"]).lower()},
+        description=model_card(lineage, all_params, metrics, export_report),
     )
     aliases = [p.candidate_alias]
     client.set_registered_model_alias(p.model_name, p.candidate_alias, mv.version)
@@ -119,6 +207,8 @@ def run(params: Params, root: Path) -> RegisterResult:
         **tracking.git_state(root),
         "dvc_data_version": dvc_data_version(root, paths.raw),
         "params_hash": params.digest(),
+        "prefect_flow_run_id": prefect_flow_run_id(),
+        **library_versions(),
     }
     return register(
         params.register,
@@ -130,6 +220,8 @@ def run(params: Params, root: Path) -> RegisterResult:
         root / paths.register_report,
         root,
         lineage,
+        root / paths.raw,
+        params.model_dump(mode="json"),
     )
 
 

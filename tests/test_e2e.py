@@ -127,7 +127,12 @@ def test_registered_version_with_lineage(repo: Path, first_run: str):
     head = _sh(repo, "git", "rev-parse", "HEAD").strip()
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     data_md5 = next(o["md5"] for o in lock["stages"]["ingest"]["outs"] if o["path"] == "data/raw")
-    assert run.data.tags["git_commit"] == head
+    assert run.data.tags["git_commit"] == head and run.data.tags["git_dirty"] in ("true", "false")
+    assert run.data.tags["prefect_flow_run_id"]  # registered from inside the flow
+    assert {"torch_version", "transformers_version", "onnxruntime_version"} <= set(run.data.tags)
+    assert run.inputs.dataset_inputs[0].dataset.digest == data_md5[:36]
+    assert "ONNX parity: passed" in candidate.description and "int8" in candidate.description
+    assert "export/int8_i2t_R1" in run.data.metrics
     assert run.data.tags["dvc_data_version"] == data_md5 == candidate.tags["dvc_data_version"]
     assert run.data.params["train.batch_size"] == "8"
     assert "test/i2t_R1" in run.data.metrics and "train/loss" in run.data.metrics
