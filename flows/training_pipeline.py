@@ -15,6 +15,7 @@ from tasks.export import export_task
 from tasks.infer import infer_task
 from tasks.ingest import ingest_task
 from tasks.preprocess import preprocess_task
+from tasks.promote import promote_task
 from tasks.register import register_task
 from tasks.train import train_task
 
@@ -33,11 +34,18 @@ STAGES = (
 
 @flow(name="training-pipeline", log_prints=True)
 def training_pipeline(
-    overrides: list[str] | None = None, force: bool = False, root: str = "."
+    overrides: list[str] | None = None,
+    force: bool = False,
+    root: str = ".",
+    promote: bool = False,
 ) -> dict[str, stage.StageOutcome]:
-    """Run every stage. `overrides`: dotted `key=value` params; `force`: rerun unchanged stages."""
+    """Run every stage. `overrides`: dotted `key=value` params; `force`: rerun unchanged
+    stages; `promote`: finish with `xmodal promote` (gated alias move)."""
     configure_task(root, overrides)
-    return {t.name: t(root, force) for t in STAGES}
+    outcomes = {t.name: t(root, force) for t in STAGES}
+    if promote:
+        promote_task(root)
+    return outcomes
 
 
 if __name__ == "__main__":

@@ -30,6 +30,9 @@ def run(
     root: Annotated[
         Path, typer.Option(help="project root holding params.yaml and dvc.yaml")
     ] = Path("."),
+    promote: Annotated[
+        bool, typer.Option(help="finish with the gated promotion of the new candidate")
+    ] = False,
 ) -> None:
     """Run the training-pipeline flow locally (no server) and print where everything is."""
     try:
@@ -38,7 +41,9 @@ def run(
         raise typer.BadParameter(str(err)) from None
     from flows.training_pipeline import training_pipeline
 
-    outcomes = training_pipeline(overrides=overrides or [], force=force, root=str(root))
+    outcomes = training_pipeline(
+        overrides=overrides or [], force=force, root=str(root), promote=promote
+    )
     params = load_params(root / DEFAULT_PARAMS)
     print_summary(root, params, outcomes)
 
@@ -89,6 +94,42 @@ def print_summary(root: Path, params, outcomes: dict) -> None:
     echo(
         f"  {'MLflow UI':28s} .venv/bin/mlflow ui --backend-store-uri {params.mlflow.tracking_uri}"
     )
+
+
+@app.command()
+def promote(
+    params_file: Annotated[Path, typer.Option("--params", help="params file")] = DEFAULT_PARAMS,
+) -> None:
+    """Promote `candidate` to `champion` if it passes the gates (both scored by ONNX Runtime)."""
+    from tasks.promote import report
+    from tasks.promote import run as run_promote
+
+    root = params_file.resolve().parent
+    result = run_promote(_params_or_exit(params_file), root)
+    typer.echo(report(result))
+    if result.gates and not result.promoted:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def rollback(
+    params_file: Annotated[Path, typer.Option("--params", help="params file")] = DEFAULT_PARAMS,
+) -> None:
+    """Swap `champion` and `previous-champion` back."""
+    from tasks.promote import rollback as run_rollback
+
+    params = _params_or_exit(params_file)
+    champ, prev = run_rollback(
+        params.register, params.promote, params.mlflow, params_file.resolve().parent
+    )
+    typer.echo(f"champion -> v{champ}, {params.promote.previous_alias} -> v{prev}")
+
+
+def _params_or_exit(path: Path):
+    try:
+        return load_params(path)
+    except ConfigError as err:
+        raise typer.BadParameter(str(err)) from None
 
 
 @app.command()

@@ -188,6 +188,16 @@ class RegisterParams(_Section):
     champion_alias: str = "champion"
 
 
+class PromoteParams(_Section):
+    # Gates, comparing candidate and champion on the same test split through ONNX Runtime:
+    # parity passed; mean R@1 >= champion's + min_delta; no other R@K drops by more than tolerance.
+    min_delta: float = Field(0.0, ge=-1.0, le=1.0)
+    tolerance: float = Field(0.02, ge=0.0, le=1.0)
+    previous_alias: str = "previous-champion"
+    variant: Literal["fp32", "int8", "fp16"] = "fp32"
+    ks: list[int] = Field(default_factory=lambda: [1, 5, 10], min_length=1)
+
+
 class InferParams(_Section):
     top_k: int = Field(5, ge=1)
     chunk_size: int = Field(256, ge=1)
@@ -213,6 +223,7 @@ class Params(_Section):
     export: ExportParams = ExportParams()
     mlflow: MlflowParams = MlflowParams()
     register: RegisterParams = RegisterParams()
+    promote: PromoteParams = PromoteParams()
     infer: InferParams = InferParams()
 
     def digest(self) -> str:
