@@ -25,7 +25,7 @@ from tasks import stage
 from tasks.config import InferParams, MlflowParams, Params
 from tasks.data import read_json
 from tasks.ingest import DatasetError
-from tasks.onnx_runtime import make_session, run_chunked
+from tasks.onnx_runtime import make_session, run_bound, run_chunked
 from tasks.preprocess import load_image
 from tasks.variants import variant_file
 
@@ -124,9 +124,17 @@ def _embedding_table(ids: list[str], emb: np.ndarray, extra: dict | None = None)
 
 
 def infer(
-    p: InferParams, model_dir: Path, images_dir: Path | None, queries: list[str], out: Path
+    p: InferParams,
+    model_dir: Path,
+    images_dir: Path | None,
+    queries: list[str],
+    out: Path,
+    files: list[Path] | None = None,
 ) -> InferResult:
-    """Embed images and queries with the ONNX towers and write retrievals between them."""
+    """Embed images and queries with the ONNX towers and write retrievals between them.
+
+    `files` restricts the images to a subset of `images_dir` (a shard); ids stay relative to it.
+    """
     meta = read_json(model_dir / "meta.json")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -166,14 +174,14 @@ def infer(
     image_ids: list[str] = []
     n_images = 0
     if images_dir is not None:
-        files = list_images(images_dir)
+        files = list_images(images_dir) if files is None else [Path(f) for f in files]
         topk = TopK(len(queries), p.top_k)
         emb_path, i2t_path = out / "image_embeddings.parquet", out / "image_to_text.jsonl"
         writer = None
         with open(i2t_path, "w") as i2t:
             bar = stage.progress(total=len(files), desc="infer: images", unit="img")
             for batch, pixels in _decoded_chunks(files, meta["image_size"], p.chunk_size, errors):
-                emb = img_sess.run(None, {"pixels": pixels})[0]  # (chunk, D), L2-normalised
+                emb = run_bound(img_sess, "pixels", pixels)  # (chunk, D), L2-normalised
                 ids = [str(f.relative_to(images_dir)) for f in batch]
                 table = _embedding_table(ids, emb)
                 writer = writer or pq.ParquetWriter(emb_path, table.schema)

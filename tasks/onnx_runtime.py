@@ -62,3 +62,15 @@ def run_chunked(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], chunk:
     return (
         np.concatenate(outs) if outs else np.zeros((0, sess.get_outputs()[0].shape[-1]), np.float32)
     )
+
+
+def run_bound(sess: ort.InferenceSession, name: str, array: np.ndarray) -> np.ndarray:
+    """One input, first output; on CUDA through I/O binding (one host-to-device copy, no
+    per-call allocation of the output by Python), elsewhere a plain run."""
+    if sess.get_providers()[0] != CUDA:
+        return sess.run(None, {name: array})[0]
+    binding = sess.io_binding()
+    binding.bind_cpu_input(name, np.ascontiguousarray(array))
+    binding.bind_output(sess.get_outputs()[0].name)
+    sess.run_with_iobinding(binding)
+    return binding.copy_outputs_to_cpu()[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,12 @@ ROOT = Path(__file__).resolve().parents[1]
 COCO_MINI = ROOT.parent / "shared" / "data" / "coco-mini"
 
 os.environ.setdefault("TQDM_DISABLE", "1")
+# In-process flow runs use Prefect's ephemeral API: keep its state out of the user's home, and
+# give its first start (database migrations) time on a 2-core machine.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="xmodal-prefect-"))
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
 
 TINY = {
     "ingest": {"num_images": 48, "image_size": 48, "seed": 3},

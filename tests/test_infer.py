@@ -117,3 +117,46 @@ def test_int8_variant_is_built_scored_and_served(exported: Path, tmp_path: Path)
         tmp_path,
     )
     assert res.images == 16 and res.errors == 0
+
+
+@pytest.mark.slow
+def test_batch_inference_flow_on_dask_matches_single_process(exported: Path, tmp_path: Path):
+    from dask.distributed import LocalCluster
+
+    from flows.batch_inference import run_batch_inference
+
+    images = exported / "raw" / "images"
+    (images.parent / "junk").mkdir(exist_ok=True)
+    queries = ["a red circle", "three shapes", "a small blue square on the right"]
+    kwargs = dict(model_dir=str(exported / "onnx"), images_dir=str(images), queries=queries)
+    single = infer(
+        InferParams(top_k=3, chunk_size=5), exported / "onnx", images, queries, tmp_path / "one"
+    )
+    params = InferParams(top_k=3, chunk_size=5)
+    local = run_batch_inference(out=str(tmp_path / "local"), shards=3, infer=params, **kwargs)
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+    ) as cluster:
+        dist = run_batch_inference(
+            dask_address=cluster.scheduler_address,
+            out=str(tmp_path / "dask"),
+            shards=3,
+            infer=params,
+            **kwargs,
+        )
+    assert local["shards"] == dist["shards"] == 3
+    assert dist["images"] == single.images == 16
+    ref = pq.read_table(tmp_path / "one/image_embeddings.parquet")
+    for run in ("local", "dask"):
+        got = pq.read_table(tmp_path / run / "image_embeddings.parquet")
+        assert got.column("id").to_pylist() == ref.column("id").to_pylist()
+        assert np.array_equal(
+            np.stack(got.column("embedding").to_numpy(zero_copy_only=False)),
+            np.stack(ref.column("embedding").to_numpy(zero_copy_only=False)),
+        )
+        assert (tmp_path / run / "text_to_image.jsonl").read_text() == (
+            tmp_path / "one/text_to_image.jsonl"
+        ).read_text()
+        assert (tmp_path / run / "image_to_text.jsonl").read_text() == (
+            tmp_path / "one/image_to_text.jsonl"
+        ).read_text()

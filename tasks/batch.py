@@ -1,0 +1,109 @@
+"""Sharded batch inference for the `batch-inference` flow: plan shards, run one, merge them.
+
+Each shard is an ordinary `tasks.infer.infer` run over a slice of the sorted image list; the
+merge concatenates embeddings in shard order and merges the per-shard top-k lists, so the result
+equals a single-process run over the whole folder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from prefect import task
+from prefect.cache_policies import NONE
+
+from tasks.config import InferParams
+from tasks.infer import InferResult, infer, list_images
+
+
+def plan_shards(images_dir: Path, shards: int) -> list[list[str]]:
+    """Contiguous slices of the sorted image list (order is what makes the merge exact)."""
+    files = [str(f) for f in list_images(Path(images_dir))]
+    size = -(-len(files) // max(1, shards)) if files else 1
+    return [files[i : i + size] for i in range(0, len(files), size)] or [[]]
+
+
+def run_shard(
+    p: dict,
+    model_dir: str,
+    images_dir: str,
+    queries: list[str],
+    out: str,
+    index: int,
+    files: list[str],
+) -> dict:
+    res = infer(
+        InferParams(**p),
+        Path(model_dir),
+        Path(images_dir),
+        queries,
+        Path(out) / f"shard_{index:04d}",
+        files=[Path(f) for f in files],
+    )
+    return asdict(res)
+
+
+def merge_shards(p: dict, queries: list[str], out: str, shard_results: list[dict]) -> dict:
+    """Concatenate shard outputs in order and merge the per-shard top-k into the global top-k."""
+    out_dir = Path(out)
+    shard_dirs = [Path(r["out"]) for r in shard_results]
+    emb_paths = [
+        d / "image_embeddings.parquet"
+        for d in shard_dirs
+        if (d / "image_embeddings.parquet").is_file()
+    ]
+    files = {}
+    if emb_paths:
+        writer = None
+        for path in emb_paths:
+            table = pq.read_table(path)
+            writer = writer or pq.ParquetWriter(out_dir / "image_embeddings.parquet", table.schema)
+            writer.write_table(table)
+        writer.close()
+        files["image_embeddings"] = str(out_dir / "image_embeddings.parquet")
+    if queries:
+        shutil.copy(shard_dirs[0] / "text_embeddings.parquet", out_dir / "text_embeddings.parquet")
+        files["text_embeddings"] = str(out_dir / "text_embeddings.parquet")
+    for name in ("image_to_text.jsonl", "errors.jsonl"):
+        with open(out_dir / name, "w") as dst:
+            for d in shard_dirs:
+                if (d / name).is_file():
+                    dst.write((d / name).read_text())
+        files[name.removesuffix(".jsonl")] = str(out_dir / name)
+    if queries and emb_paths:
+        merged: list[list[tuple[float, int, str]]] = [[] for _ in queries]
+        for order, d in enumerate(shard_dirs):
+            path = d / "text_to_image.jsonl"
+            if not path.is_file():
+                continue
+            for q, line in enumerate(path.read_text().splitlines()):
+                merged[q] += [(-h["score"], order, h["image"]) for h in json.loads(line)["results"]]
+        with open(out_dir / "text_to_image.jsonl", "w") as f:
+            for q, hits in enumerate(merged):
+                # ties keep the earlier shard first, as the single-process stable sort does
+                best = sorted(hits, key=lambda h: (h[0], h[1]))[: p.get("top_k", 5)]
+                rows = [{"image": img, "score": -s} for s, _, img in best]
+                f.write(json.dumps({"query": queries[q], "results": rows}) + "\n")
+        files["text_to_image"] = str(out_dir / "text_to_image.jsonl")
+    summary = {
+        "images": sum(r["images"] for r in shard_results),
+        "texts": len(queries),
+        "errors": sum(r["errors"] for r in shard_results),
+        "shards": len(shard_results),
+        "files": files,
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+plan_shards_task = task(plan_shards, name="plan-shards", cache_policy=NONE)
+infer_shard_task = task(
+    run_shard, name="infer-shard", cache_policy=NONE, retries=1, timeout_seconds=3600
+)
+merge_shards_task = task(merge_shards, name="merge-shards", cache_policy=NONE)
+
+__all__ = ["InferResult", "infer_shard_task", "merge_shards_task", "plan_shards_task"]
