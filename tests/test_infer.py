@@ -46,7 +46,13 @@ def exported(tmp_path_factory) -> Path:
     net = build_model(params.model, root / "prep")
     (root / "train").mkdir()
     torch.save(net.checkpoint(params_hash="test"), root / "train" / CHECKPOINT)
-    export(ExportParams(), root / "train", root / "prep", root / "onnx", root / "export.json")
+    export(
+        ExportParams(variants=["int8", "fp16"]),
+        root / "train",
+        root / "prep",
+        root / "onnx",
+        root / "export.json",
+    )
     return root
 
 
@@ -109,6 +115,9 @@ def test_int8_variant_is_built_scored_and_served(exported: Path, tmp_path: Path)
     assert variants["int8"]["available"], variants["int8"]
     assert set(variants["int8"]["delta_vs_fp32"]) >= {"i2t_R1", "t2i_R5"}
     assert variants["int8"]["bytes"]["image_encoder"] < variants["fp32"]["bytes"]["image_encoder"]
+    # fp16 runs on this CPU's ONNX Runtime, so it is built and checked here
+    assert variants["fp16"]["available"], variants["fp16"]
+    assert variants["fp16"]["max_abs_diff_vs_fp32"] < 1e-2
     res = infer(
         InferParams(variant="int8"),
         exported / "onnx",
