@@ -61,7 +61,8 @@ def run_variant(name: str, sets: list[str]) -> dict:
     subprocess.run(args, cwd=ROOT, check=True)
     wall = time.perf_counter() - start
     params = load_params(ROOT / "params.yaml")
-    metrics = json.loads((ROOT / params.paths.metrics).read_text())["test"]
+    report = json.loads((ROOT / params.paths.metrics).read_text())
+    metrics, rerank = report["test"], report.get("test_rerank")
     run_id = json.loads((ROOT / params.paths.train / tracking.RUN_FILE).read_text())["run_id"]
     tracking.setup(params.mlflow, ROOT)
     run = mlflow.get_run(run_id)
@@ -76,6 +77,8 @@ def run_variant(name: str, sets: list[str]) -> dict:
         "train_s": run.data.metrics.get("train/seconds", float("nan")),
         "params": int(run.data.metrics.get("model/parameters", 0)),
         "wall_s": wall,
+        "rerank": rerank,
+        "qps": {k: v for k, v in run.data.metrics.items() if k.endswith("_qps")},
     }
 
 
@@ -95,6 +98,18 @@ def write_table(rows: list[dict], command: str, out: Path) -> None:
             f"| {r['variant']} | `{r['sets']}` | {r['i2t_R1']:.3f} | {r['i2t_R5']:.3f} | "
             f"{r['t2i_R1']:.3f} | {r['t2i_R5']:.3f} | {r['train_s']:.0f} | {r['params']:,} |"
         )
+    for r in rows:
+        if r.get("rerank"):
+            q = r["qps"]
+            lines += [
+                "",
+                f"**{r['variant']}, ITM re-ranking of each query's top-k:** "
+                f"i2t R@1 {r['rerank']['i2t_R1']:.3f}, R@5 {r['rerank']['i2t_R5']:.3f}; "
+                f"t2i R@1 {r['rerank']['t2i_R1']:.3f}, R@5 {r['rerank']['t2i_R5']:.3f}. "
+                f"Cost: dual encoder {q.get('test/dual_qps', float('nan')):,.0f} queries/s; "
+                f"with re-ranking i2t {q.get('test/i2t_rerank_qps', float('nan')):,.0f}, "
+                f"t2i {q.get('test/t2i_rerank_qps', float('nan')):,.0f} queries/s.",
+            ]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
 

@@ -17,6 +17,7 @@ from tasks.ingest import ingest_task
 from tasks.preprocess import preprocess_task
 from tasks.promote import promote_task
 from tasks.register import register_task
+from tasks.report import report_task
 from tasks.train import train_task
 
 configure_task = task(stage.configure, name="configure", cache_policy=NONE)
@@ -32,7 +33,26 @@ STAGES = (
 )
 
 
-@flow(name="training-pipeline", log_prints=True)
+def run_name() -> str:
+    """Flow run name from the key params, e.g. `resnet18-bert2x128-e8-lr0.001-seed0`."""
+    from pathlib import Path
+
+    from prefect.runtime import flow_run
+
+    from tasks.config import DEFAULT_PARAMS, apply_overrides, read_yaml, validate
+
+    args = flow_run.parameters
+    root = Path(args.get("root") or ".")
+    try:
+        p = validate(apply_overrides(read_yaml(root / DEFAULT_PARAMS), args.get("overrides")))
+    except ValueError:
+        return "training-pipeline-invalid-params"
+    m, t = p.model, p.train
+    text = "pretrained" if m.text.pretrained else f"bert{m.text.num_layers}x{m.text.hidden_size}"
+    return f"{m.image.backbone}-{text}-e{t.epochs}-lr{t.lr:g}-seed{t.seed}"
+
+
+@flow(name="training-pipeline", log_prints=True, flow_run_name=run_name)
 def training_pipeline(
     overrides: list[str] | None = None,
     force: bool = False,
@@ -43,6 +63,7 @@ def training_pipeline(
     stages; `promote`: finish with `xmodal promote` (gated alias move)."""
     configure_task(root, overrides)
     outcomes = {t.name: t(root, force) for t in STAGES}
+    report_task(root)
     if promote:
         promote_task(root)
     return outcomes

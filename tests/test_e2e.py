@@ -34,16 +34,18 @@ def _env(repo: Path) -> dict[str, str]:
     return env
 
 
-def _sh(repo: Path, *args: str, timeout: int = 900) -> str:
+def _sh(repo: Path, *args: str, timeout: int = 900, with_stderr: bool = False) -> str:
     proc = subprocess.run(
         args, cwd=repo, env=_env(repo), capture_output=True, text=True, timeout=timeout
     )
     assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return proc.stdout
+    return proc.stdout + proc.stderr if with_stderr else proc.stdout
 
 
 def _xmodal(repo: Path, *args: str) -> str:
-    return _sh(repo, sys.executable, "-m", "tasks.cli", "run", "--root", str(repo), *args)
+    return _sh(
+        repo, sys.executable, "-m", "tasks.cli", "run", "--root", str(repo), *args, with_stderr=True
+    )
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +118,17 @@ def test_flow_writes_every_artifact(repo: Path, first_run: str):
     assert [r["query"] for r in rows] == ["a red circle on the left", "a small blue square"]
     assert all(len(r["results"]) == 5 for r in rows)
     assert "demo queries" in first_run and "outputs:" in first_run
+    # the flow run is named from the key params
+    assert "Beginning flow run 'resnet18-bert1x32-e1-lr0.001-seed0'" in first_run
+
+
+def test_flow_report_artifact_content(repo: Path, first_run: str):
+    from tasks.report import markdown_report
+
+    md, table = markdown_report(repo)
+    assert [row["K"] for row in table] == [1, 5, 10]
+    assert "ONNX parity: **passed**" in md and "models:/xmodal-dual-encoder/1" in md
+    assert md.count("data:image/png;base64,") == 2
 
 
 def test_registered_version_with_lineage(repo: Path, first_run: str):
@@ -133,6 +146,10 @@ def test_registered_version_with_lineage(repo: Path, first_run: str):
     assert run.inputs.dataset_inputs[0].dataset.digest == data_md5[:36]
     assert "ONNX parity: passed" in candidate.description and "int8" in candidate.description
     assert "export/int8_i2t_R1" in run.data.metrics
+    import mlflow
+
+    info = mlflow.models.get_model_info(f"models:/{MODEL}/{candidate.version}")
+    assert info.signature is not None and info.saved_input_example_info is not None
     assert run.data.tags["dvc_data_version"] == data_md5 == candidate.tags["dvc_data_version"]
     assert run.data.params["train.batch_size"] == "8"
     assert "test/i2t_R1" in run.data.metrics and "train/loss" in run.data.metrics
@@ -173,3 +190,17 @@ def test_flow_after_dvc_repro_skips(repo: Path, first_run: str):
     again = _xmodal(repo)
     stages_line = next(line for line in again.splitlines() if line.startswith("stages:"))
     assert stages_line.count("skipped") == 7, stages_line
+
+
+def test_dvc_push_pull_round_trip(repo: Path, first_run: str):
+    """The committed default remote works: push, lose cache and outputs, pull, all up to date."""
+    _sh(repo, sys.executable, "-m", "dvc", "push")
+    assert any((repo / "dvc-storage").rglob("*")), "nothing was pushed to the default remote"
+    shutil.rmtree(repo / ".dvc" / "cache")
+    for out in ("data/raw", "data/prepared", "models/train", "models/onnx", "outputs/infer"):
+        shutil.rmtree(repo / out)
+    _sh(repo, sys.executable, "-m", "dvc", "pull")
+    assert (repo / "models/onnx/image_encoder.onnx").is_file()
+    assert json.loads(_sh(repo, sys.executable, "-m", "dvc", "status", "--json")) == {}
+    out = _sh(repo, sys.executable, "-m", "dvc", "repro")
+    assert "Running stage" not in out

@@ -1,0 +1,53 @@
+"""Prefect artifacts for a training-pipeline run: a markdown report, a Recall@K table, the plots."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NONE
+
+from tasks.config import DEFAULT_PARAMS, load_params
+from tasks.tracking import tracking_uri
+
+
+def markdown_report(root: Path) -> tuple[str, list[dict]]:
+    params = load_params(root / DEFAULT_PARAMS)
+    paths = params.paths
+    metrics = json.loads((root / paths.metrics).read_text())["test"]
+    parity = json.loads((root / paths.export_report).read_text())["parity"]
+    reg = json.loads((root / paths.register_report).read_text())
+    ks = params.evaluate.ks
+    table = [
+        {"K": k, "image→text": metrics[f"i2t_R{k}"], "text→image": metrics[f"t2i_R{k}"]} for k in ks
+    ]
+    lines = [
+        "# xmodal training-pipeline",
+        "",
+        "| Recall@K | image→text | text→image |",
+        "| --- | --- | --- |",
+        *(f"| R@{r['K']} | {r['image→text']:.3f} | {r['text→image']:.3f} |" for r in table),
+        "",
+        f"Mean rank i2t {metrics['i2t_mean_rank']:.2f}, t2i {metrics['t2i_mean_rank']:.2f}.",
+        "",
+        f"ONNX parity: **{'passed' if parity['passed'] else 'FAILED'}** "
+        f"(max abs diff {parity['max_abs_diff']:.2e}, tolerance {parity['atol']:g}).",
+        "",
+        f"MLflow ({tracking_uri(params.mlflow, root)}): run `{reg['run_id']}`, "
+        f"model `models:/{reg['model_name']}/{reg['version']}` "
+        f"(aliases {', '.join(reg['aliases'])}).",
+    ]
+    for png in sorted((root / paths.figures).glob("*.png")):
+        data = base64.b64encode(png.read_bytes()).decode()
+        lines += ["", f"![{png.stem}](data:image/png;base64,{data})"]
+    return "\n".join(lines), table
+
+
+@task(name="report", cache_policy=NONE)
+def report_task(root: str = ".") -> None:
+    md, table = markdown_report(Path(root).resolve())
+    create_markdown_artifact(md, key="xmodal-report", description="metrics, parity, MLflow links")
+    create_table_artifact(table, key="xmodal-recall", description="test Recall@K")
