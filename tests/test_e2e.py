@@ -159,6 +159,33 @@ def test_registered_version_with_lineage(repo: Path, first_run: str):
     assert {"checkpoint", "plots", "reports"} <= artifacts
 
 
+def test_infer_cli_from_the_registry_alias(repo: Path, first_run: str, tmp_path: Path):
+    queries = tmp_path / "q.txt"
+    queries.write_text("a red circle on the left\n\na small blue square\n")
+    out = _sh(
+        repo,
+        sys.executable,
+        "-m",
+        "tasks.cli",
+        "infer",
+        "--model",
+        f"models:/{MODEL}@champion",
+        "--images",
+        str(repo / "data/raw/images"),
+        "--texts",
+        str(queries),
+        "--top-k",
+        "3",
+        "--out",
+        str(tmp_path / "out"),
+        "--params",
+        str(repo / "params.yaml"),
+    )
+    assert "48 images, 2 texts, 0 errors" in out
+    rows = (tmp_path / "out/text_to_image.jsonl").read_text().splitlines()
+    assert [len(json.loads(r)["results"]) for r in rows] == [3, 3]
+
+
 def test_rerun_skips_everything_and_dvc_agrees(repo: Path, first_run: str):
     status = json.loads(_sh(repo, sys.executable, "-m", "dvc", "status", "--json"))
     assert status == {}, status

