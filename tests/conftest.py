@@ -31,9 +31,11 @@ TINY = {
         "val_fraction": 0.125,
         "test_fraction": 0.25,
     },
+    # Small towers built from scratch (the default pretrained pair has its own test).
     "model": {
-        "image": {"backbone": "resnet18", "weights": "none"},
+        "image": {"backbone": "resnet18", "weights": "none", "normalization": "dataset"},
         "text": {
+            "pretrained": None,
             "hidden_size": 32,
             "num_layers": 1,
             "num_heads": 2,
@@ -49,6 +51,8 @@ TINY = {
         "warmup_steps": 1,
         "device": "cpu",
         "log_every": 1,
+        "image": {"lr": None},
+        "text": {"lr": None, "trainable_blocks": None},
     },
     "evaluate": {"batch_size": 16},
     "infer": {"chunk_size": 7, "queries": ["a red circle on the left", "a small blue square"]},
