@@ -8,7 +8,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 
-.PHONY: install run repro test lint clean
+.PHONY: install run repro test lint clean serve stop status
 
 install: $(STAMP)
 
@@ -31,6 +31,18 @@ test: install
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+# Real services on 127.0.0.1 (Prefect server + work pool + deployments + worker, MLflow server).
+# Ports: XMODAL_PREFECT_PORT (4200), XMODAL_MLFLOW_PORT (5000); XMODAL_BACKEND=postgres puts both
+# backend stores in a PostgreSQL cluster (XMODAL_POSTGRES_PORT, 5432). State: .services/.
+serve: install
+	$(BIN)/xmodal services start
+
+stop:
+	$(BIN)/xmodal services stop
+
+status:
+	$(BIN)/xmodal services status
 
 clean:
 	rm -rf $(PREFECT_HOME) mlflow.db mlartifacts outputs reports data/raw data/prepared models

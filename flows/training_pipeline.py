@@ -6,10 +6,14 @@ flow and `dvc repro` share one cache and lock. Runs without a server (Prefect's 
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from prefect import flow, task
 from prefect.cache_policies import NONE
+from pydantic import Field
 
 from tasks import stage
+from tasks.config import key_overrides
 from tasks.evaluate import evaluate_task
 from tasks.export import export_task
 from tasks.infer import infer_task
@@ -39,12 +43,20 @@ def run_name() -> str:
 
     from prefect.runtime import flow_run
 
-    from tasks.config import DEFAULT_PARAMS, apply_overrides, read_yaml, validate
+    from tasks.config import (
+        DEFAULT_PARAMS,
+        KEY_PARAMS,
+        apply_overrides,
+        key_overrides,
+        read_yaml,
+        validate,
+    )
 
     args = flow_run.parameters
     root = Path(args.get("root") or ".")
     try:
-        p = validate(apply_overrides(read_yaml(root / DEFAULT_PARAMS), args.get("overrides")))
+        overrides = key_overrides(args.get("overrides"), **{k: args.get(k) for k in KEY_PARAMS})
+        p = validate(apply_overrides(read_yaml(root / DEFAULT_PARAMS), overrides))
     except ValueError:
         return "training-pipeline-invalid-params"
     m, t = p.model, p.train
@@ -58,9 +70,18 @@ def training_pipeline(
     force: bool = False,
     root: str = ".",
     promote: bool = False,
+    epochs: Annotated[int, Field(ge=1)] | None = None,
+    max_steps: Annotated[int, Field(ge=1)] | None = None,
+    batch_size: Annotated[int, Field(ge=2)] | None = None,
+    lr: Annotated[float, Field(gt=0)] | None = None,
+    seed: Annotated[int, Field(ge=0)] | None = None,
 ) -> dict[str, stage.StageOutcome]:
-    """Run every stage. `overrides`: dotted `key=value` params; `force`: rerun unchanged
-    stages; `promote`: finish with `xmodal promote` (gated alias move)."""
+    """Run every stage. `overrides`: dotted `key=value` params (`train.lr=0.001`); `force`: rerun
+    unchanged stages; `promote`: finish with `xmodal promote` (gated alias move); `epochs`,
+    `max_steps`, `batch_size`, `lr`, `seed`: typed shortcuts for the `train.*` keys."""
+    overrides = key_overrides(
+        overrides, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed
+    )
     configure_task(root, overrides)
     outcomes = {t.name: t(root, force) for t in STAGES}
     report_task(root)

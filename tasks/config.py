@@ -253,6 +253,26 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw)
 
 
+# The pipeline's typed flow parameters (`prefect deployment run ... -p epochs=1`) and the params
+# key each one sets; anything else goes through `overrides` as dotted `key=value` strings.
+KEY_PARAMS = {
+    "epochs": "train.epochs",
+    "max_steps": "train.max_steps",
+    "batch_size": "train.batch_size",
+    "lr": "train.lr",
+    "seed": "train.seed",
+}
+
+
+def key_overrides(overrides: list[str] | None, **values: Any) -> list[str]:
+    """`overrides` followed by `train.epochs=1`-style items for each typed value that is set."""
+    unknown = set(values) - set(KEY_PARAMS)
+    if unknown:
+        raise ConfigError(f"unknown flow parameter(s): {', '.join(sorted(unknown))}")
+    typed = [f"{KEY_PARAMS[k]}={v}" for k, v in values.items() if v is not None]
+    return [*(overrides or []), *typed]
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
     data = copy.deepcopy(raw)
     for item in overrides or []:

@@ -231,7 +231,12 @@ def run(params: Params, root: Path) -> IngestResult:
 
 
 @task(
-    name="ingest", cache_policy=NONE, retries=2, retry_delay_seconds=[2, 10], timeout_seconds=3600
+    name="ingest",
+    cache_policy=NONE,
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=stage.retry_if_transient,
+    timeout_seconds=3600,
 )
 def ingest_task(root: str = ".", force: bool = False) -> stage.StageOutcome:
     return stage.run_stage("ingest", run, root, force)

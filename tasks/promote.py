@@ -22,7 +22,7 @@ from prefect.cache_policies import NONE
 from transformers import AutoTokenizer
 
 from model import retrieval_metrics
-from tasks import tracking
+from tasks import stage, tracking
 from tasks.config import (
     DEFAULT_PARAMS,
     MlflowParams,
@@ -214,7 +214,12 @@ def report(result: PromoteResult) -> str:
 
 
 @task(
-    name="promote", cache_policy=NONE, retries=2, retry_delay_seconds=[5, 30], timeout_seconds=1800
+    name="promote",
+    cache_policy=NONE,
+    retries=2,
+    retry_delay_seconds=[5, 30],
+    retry_condition_fn=stage.retry_if_transient,
+    timeout_seconds=1800,
 )
 def promote_task(root: str = ".") -> dict:
     result = run(load_params(Path(root).resolve() / DEFAULT_PARAMS), Path(root).resolve())

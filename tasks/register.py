@@ -40,6 +40,7 @@ class RegisterResult:
     aliases: list[str]
     model_uri: str
     data_version: str
+    experiment_id: str = ""
 
 
 def dvc_data_version(root: Path, raw: str) -> str:
@@ -172,7 +173,7 @@ def register(
             input_example=pd.DataFrame({"text": ["a large red circle on the left"]}),
             pip_requirements=["onnxruntime", "transformers", "numpy", "pandas"],
         )
-        run_id = run.info.run_id
+        run_id, experiment_id = run.info.run_id, run.info.experiment_id
     client = MlflowClient()
     try:
         client.create_registered_model(p.model_name)
@@ -185,6 +186,8 @@ def register(
         run_id=run_id,
         tags={**lineage, "parity_passed": str(parity["passed"]).lower()},
         description=model_card(lineage, all_params, metrics, export_report),
+        # A tracking server refuses a `models:/m-...` source unless its model id is named too.
+        model_id=info.model_id,
     )
     aliases = [p.candidate_alias]
     client.set_registered_model_alias(p.model_name, p.candidate_alias, mv.version)
@@ -194,7 +197,13 @@ def register(
         client.set_registered_model_alias(p.model_name, p.champion_alias, mv.version)
         aliases.append(p.champion_alias)
     result = RegisterResult(
-        run_id, p.model_name, str(mv.version), aliases, info.model_uri, lineage["dvc_data_version"]
+        run_id,
+        p.model_name,
+        str(mv.version),
+        aliases,
+        info.model_uri,
+        lineage["dvc_data_version"],
+        experiment_id,
     )
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(json.dumps(asdict(result), indent=2))
@@ -230,6 +239,7 @@ def run(params: Params, root: Path) -> RegisterResult:
     cache_policy=NONE,
     retries=3,
     retry_delay_seconds=[2, 10, 30],
+    retry_condition_fn=stage.retry_if_transient,
     timeout_seconds=900,
 )
 def register_task(root: str = ".", force: bool = False) -> stage.StageOutcome:

@@ -36,14 +36,25 @@ def markdown_report(root: Path) -> tuple[str, list[dict]]:
         f"ONNX parity: **{'passed' if parity['passed'] else 'FAILED'}** "
         f"(max abs diff {parity['max_abs_diff']:.2e}, tolerance {parity['atol']:g}).",
         "",
-        f"MLflow ({tracking_uri(params.mlflow, root)}): run `{reg['run_id']}`, "
-        f"model `models:/{reg['model_name']}/{reg['version']}` "
-        f"(aliases {', '.join(reg['aliases'])}).",
+        mlflow_links(tracking_uri(params.mlflow, root), reg),
     ]
     for png in sorted((root / paths.figures).glob("*.png")):
         data = base64.b64encode(png.read_bytes()).decode()
         lines += ["", f"![{png.stem}](data:image/png;base64,{data})"]
     return "\n".join(lines), table
+
+
+def mlflow_links(uri: str, reg: dict) -> str:
+    """Links into the MLflow UI when the store is a tracking server, else the plain ids."""
+    run, model = f"run `{reg['run_id']}`", f"model `models:/{reg['model_name']}/{reg['version']}`"
+    if uri.startswith(("http://", "https://")):
+        base = uri.rstrip("/")
+        exp = reg.get("experiment_id")
+        run_url = f"{base}/#/experiments/{exp}/runs/{reg['run_id']}" if exp else f"{base}/#/"
+        run = f"[run {reg['run_id']}]({run_url})"
+        model_url = f"{base}/#/models/{reg['model_name']}/versions/{reg['version']}"
+        model = f"[model {reg['model_name']} v{reg['version']}]({model_url})"
+    return f"MLflow ({uri}): {run}, {model} (aliases {', '.join(reg['aliases'])})."
 
 
 @task(name="report", cache_policy=NONE)

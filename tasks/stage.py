@@ -25,12 +25,53 @@ log = logging.getLogger("xmodal")
 StageFn = Callable[[Params, Path], Any]
 
 
+class StageFailed(RuntimeError):
+    """A stage's own error, named by stage: what the Prefect UI shows as the failed state."""
+
+
 @dataclass(frozen=True)
 class StageOutcome:
     stage: str
     skipped: bool
     seconds: float
     result: Any = None
+
+
+# MLflow error codes worth a retry (the server is busy or restarting), as opposed to a request
+# the server will refuse again (INVALID_PARAMETER_VALUE, RESOURCE_ALREADY_EXISTS...).
+TRANSIENT_MLFLOW_CODES = {
+    "TEMPORARILY_UNAVAILABLE",
+    "INTERNAL_ERROR",
+    "RESOURCE_EXHAUSTED",
+    "REQUEST_LIMIT_EXCEEDED",
+}
+
+
+def is_transient(err: BaseException | None) -> bool:
+    """True when `err` or anything it was raised from is a network or server-side hiccup."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, ConnectionError | TimeoutError | requests.ConnectionError):
+            return True
+        if isinstance(err, requests.Timeout):
+            return True
+        if isinstance(err, MlflowException) and err.error_code in TRANSIENT_MLFLOW_CODES:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def retry_if_transient(task, task_run, state) -> bool:
+    """Prefect retry condition for I/O tasks: retry network/server errors, not bad input."""
+    try:
+        state.result()
+    except Exception as err:  # noqa: BLE001 - classified below
+        return is_transient(err)
+    return False
 
 
 def stage_changed(root: Path, name: str) -> bool:
@@ -56,8 +97,13 @@ def run_stage(name: str, fn: StageFn, root: Path | str = ".", force: bool = Fals
     if not force and not stage_changed(root, name):
         log.info("stage %s: unchanged, skipped (dvc.lock is up to date)", name)
         return StageOutcome(name, True, time.perf_counter() - start)
-    params = load_params(root / DEFAULT_PARAMS)
-    result = fn(params, root)
+    try:
+        params = load_params(root / DEFAULT_PARAMS)
+        result = fn(params, root)
+    except Exception as err:
+        # The task (and so the flow) ends Failed with this one line as its state message; the
+        # traceback stays in the task's logs.
+        raise StageFailed(f"stage {name} failed: {type(err).__name__}: {err}") from err
     commit_stage(root, name)
     return StageOutcome(name, False, time.perf_counter() - start, result)
 

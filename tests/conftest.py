@@ -59,6 +59,31 @@ TINY = {
 }
 
 
+def make_repo(repo: Path, params: dict | None = None) -> Path:
+    """A throwaway git repo with the project code, DVC and Prefect config, and tiny params."""
+    import shutil
+    import subprocess
+
+    for d in ("tasks", "model", "flows"):
+        shutil.copytree(ROOT / d, repo / d, ignore=shutil.ignore_patterns("__pycache__"))
+    for f in (
+        "dvc.yaml",
+        "prefect.yaml",
+        ".dvcignore",
+        ".gitignore",
+        ".dvc/config",
+        ".dvc/.gitignore",
+    ):
+        (repo / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / f, repo / f)
+    params = tiny_params_dict() if params is None else params
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "init"]):
+        subprocess.run([*git, *args], cwd=repo, check=True, capture_output=True)
+    return repo
+
+
 def deep_merge(base: dict, extra: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in extra.items():

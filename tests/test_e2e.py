@@ -14,7 +14,7 @@ import onnx
 import pytest
 import yaml
 
-from .conftest import ROOT, tiny_params_dict
+from .conftest import make_repo
 
 pytestmark = pytest.mark.slow
 
@@ -50,17 +50,7 @@ def _xmodal(repo: Path, *args: str) -> str:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    repo = tmp_path_factory.mktemp("xmodal-e2e")
-    for d in ("tasks", "model", "flows"):
-        shutil.copytree(ROOT / d, repo / d, ignore=shutil.ignore_patterns("__pycache__"))
-    for f in ("dvc.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore"):
-        (repo / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(ROOT / f, repo / f)
-    (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict(), sort_keys=False))
-    _sh(repo, "git", "init", "-q")
-    _sh(repo, "git", "add", "-A")
-    _sh(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
-    return repo
+    return make_repo(tmp_path_factory.mktemp("xmodal-e2e"))
 
 
 @pytest.fixture(scope="module")

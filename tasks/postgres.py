@@ -1,0 +1,115 @@
+"""A PostgreSQL cluster for the production profile: Prefect's and MLflow's backend stores.
+
+Uses the Debian `postgresql` binaries (initdb, pg_ctl) on 127.0.0.1 with trust authentication for
+the `xmodal` role: a local development profile, not a hardened database. PostgreSQL refuses to
+run as root, so under root the cluster runs as the `postgres` OS user in a directory it owns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from tasks.services import HOST, ServiceError, Services, require_postgres_binaries
+
+ROLE = "xmodal"
+DATABASES = ("prefect", "mlflow")
+OS_USER = "postgres"
+
+
+def _cluster_dir(s: Services) -> Path:
+    if os.geteuid() != 0:
+        return (s.state / "postgres").resolve()
+    # The state dir may sit under a root-only parent (pytest's tmp), unreachable for `postgres`.
+    key = hashlib.sha1(str(s.state.resolve()).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"xmodal-postgres-{key}"
+
+
+def _as_owner(cmd: list[str]) -> list[str]:
+    return ["runuser", "-u", OS_USER, "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+def _record(s: Services) -> Path:
+    return s.state / "postgres.json"
+
+
+def _pg(cmd: list[str], what: str) -> None:
+    done = subprocess.run(_as_owner(cmd), capture_output=True, text=True)
+    if done.returncode:
+        raise ServiceError(f"postgres: {what} failed ({done.returncode}): {done.stderr.strip()}")
+
+
+def start_postgres(s: Services) -> None:
+    bindir = require_postgres_binaries()
+    cluster = _cluster_dir(s)
+    data, log = cluster / "data", cluster / "postgres.log"
+    if not (data / "PG_VERSION").is_file():
+        cluster.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            shutil.chown(cluster, OS_USER, OS_USER)
+        _pg([str(bindir / "initdb"), "-D", str(data), "-U", ROLE, "--auth=trust",
+             "--encoding=UTF8", "--no-instructions"], "initdb")  # fmt: skip
+    _record(s).parent.mkdir(parents=True, exist_ok=True)
+    _record(s).write_text(json.dumps({"cluster": str(cluster), "bindir": str(bindir)}))
+    options = f"-p {s.postgres_port} -c listen_addresses={HOST} -k {cluster}"
+    _pg([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options, "-w",
+         "-t", str(int(s.timeout)), "start"], "pg_ctl start")  # fmt: skip
+    pid = int((data / "postmaster.pid").read_text().split()[0])
+    s.pid_file("postgres").parent.mkdir(parents=True, exist_ok=True)
+    s.pid_file("postgres").write_text(f"{pid}\n")
+    for db in DATABASES:
+        if not _database_exists(bindir, s.postgres_port, db):
+            _pg([str(bindir / "createdb"), "-h", HOST, "-p", str(s.postgres_port), "-U", ROLE, db],
+                f"createdb {db}")  # fmt: skip
+
+
+def _database_exists(bindir: Path, port: int, db: str) -> bool:
+    psql = shutil.which("psql") or str(bindir / "psql")
+    done = subprocess.run(
+        [
+            psql,
+            "-h",
+            HOST,
+            "-p",
+            str(port),
+            "-U",
+            ROLE,
+            "-d",
+            "postgres",
+            "-tAc",
+            f"SELECT 1 FROM pg_database WHERE datname = '{db}'",
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+    )
+    return done.stdout.strip() == "1"
+
+
+def stop_postgres(s: Services) -> bool:
+    """Fast shutdown of the cluster `start_postgres` recorded; True if one was running."""
+    record = _record(s)
+    if not record.is_file():
+        return False
+    info = json.loads(record.read_text())
+    data = Path(info["cluster"]) / "data"
+    running = (data / "postmaster.pid").is_file()
+    if running:
+        _pg([str(Path(info["bindir"]) / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
+            "pg_ctl stop")  # fmt: skip
+        time.sleep(0.1)
+    s.pid_file("postgres").unlink(missing_ok=True)
+    return running
+
+
+def remove_cluster(s: Services) -> None:
+    """Delete the cluster's files (tests); the cluster must be stopped."""
+    record = _record(s)
+    if record.is_file():
+        shutil.rmtree(json.loads(record.read_text())["cluster"], ignore_errors=True)
+        record.unlink()

@@ -1,0 +1,391 @@
+"""The real services, on 127.0.0.1 only: Prefect server, work pool, deployments, worker, MLflow.
+
+`xmodal services start` (what `make serve` runs) starts each one as its own process group, writes
+its pid file, and waits for its health check before starting the next; `xmodal services stop`
+(`make stop`) stops exactly the processes named by those pid files. Everything lives under one
+state directory (default `.services/`): pid files, logs, Prefect's home, MLflow's store, and an
+`env` file to `source` so `prefect` and `mlflow` commands talk to these servers.
+
+The `postgres` backend starts a PostgreSQL cluster under the state directory (Debian's
+`postgresql` binaries) and puts both the Prefect and the MLflow backend stores in it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HOST = "127.0.0.1"
+WORK_POOL = "xmodal-process"
+DEPLOYMENTS = ("training-pipeline/default", "batch-inference/default")
+# Start order; stop runs it backwards so the worker goes before the server it polls.
+ORDER = ("postgres", "prefect-server", "mlflow-server", "prefect-worker")
+
+
+class ServiceError(RuntimeError):
+    """A service could not start, or its health check never passed."""
+
+
+@dataclass(frozen=True)
+class Services:
+    """Where the services listen and keep their state."""
+
+    root: Path
+    state: Path
+    prefect_port: int = 4200
+    mlflow_port: int = 5000
+    backend: str = "sqlite"  # sqlite | postgres
+    postgres_port: int = 5432
+    timeout: float = 180.0
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def prefect_api(self) -> str:
+        return f"http://{HOST}:{self.prefect_port}/api"
+
+    @property
+    def mlflow_uri(self) -> str:
+        return f"http://{HOST}:{self.mlflow_port}"
+
+    @property
+    def prefect_home(self) -> Path:
+        return self.state / "prefect"
+
+    def pid_file(self, name: str) -> Path:
+        return self.state / "pids" / f"{name}.pid"
+
+    def log_file(self, name: str) -> Path:
+        return self.state / "logs" / f"{name}.log"
+
+    def postgres_url(self, database: str, driver: str) -> str:
+        return f"postgresql+{driver}://xmodal@{HOST}:{self.postgres_port}/{database}"
+
+    def client_env(self) -> dict[str, str]:
+        """What `prefect`/`mlflow` clients and the worker's flow runs need to reach the servers."""
+        return {
+            "XMODAL_ROOT": str(self.root),  # prefect.yaml's pull step: where flow runs start
+            "PREFECT_API_URL": self.prefect_api,
+            "PREFECT_HOME": str(self.prefect_home),
+            "MLFLOW_TRACKING_URI": self.mlflow_uri,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "DO_NOT_TRACK": "1",
+        }
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def _bin(name: str) -> str:
+    """A console script from this interpreter's environment (the project venv)."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """A port the kernel says is free now (for tests)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _spawn(
+    s: Services, name: str, cmd: list[str], env: dict[str, str], unset: tuple[str, ...] = ()
+) -> subprocess.Popen:
+    pid_file = s.pid_file(name)
+    old = read_pid(pid_file)
+    if old and alive(old):
+        raise ServiceError(f"{name} is already running (pid {old}, {pid_file}); run `make stop`")
+    pid_file.parent.mkdir(parents=True, exist_ok=True)
+    s.log_file(name).parent.mkdir(parents=True, exist_ok=True)
+    log = s.log_file(name).open("ab")
+    # Own session: `stop` signals the whole group (uvicorn and flow-run children included).
+    full_env = {k: v for k, v in {**os.environ, **env}.items() if k not in unset}
+    proc = subprocess.Popen(
+        cmd,
+        cwd=s.root,
+        env=full_env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    pid_file.write_text(f"{proc.pid}\n")
+    return proc
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _wait(s: Services, name: str, proc: subprocess.Popen | None, check: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + s.timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise ServiceError(
+                f"{name} exited with code {proc.returncode} before it was healthy; "
+                f"last lines of {s.log_file(name)}:\n{_tail(s.log_file(name))}"
+            )
+        if check():
+            return
+        time.sleep(0.5)
+    raise ServiceError(
+        f"{name} did not pass its health check within {s.timeout:.0f} s; "
+        f"last lines of {s.log_file(name)}:\n{_tail(s.log_file(name))}"
+    )
+
+
+def _http_ok(url: str, method: str = "GET", body: dict | None = None) -> bool:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _http_json(url: str, body: dict) -> object:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
+    req.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def _run(s: Services, name: str, cmd: list[str], env: dict[str, str]) -> None:
+    """A one-shot command (work pool, deploy); its output goes to the service log."""
+    s.log_file(name).parent.mkdir(parents=True, exist_ok=True)
+    with s.log_file(name).open("ab") as log:
+        done = subprocess.run(
+            cmd, cwd=s.root, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT
+        )
+    if done.returncode:
+        raise ServiceError(
+            f"`{' '.join(cmd)}` failed with code {done.returncode}; last lines of "
+            f"{s.log_file(name)}:\n{_tail(s.log_file(name))}"
+        )
+
+
+# ----------------------------------------------------------------------------- services
+
+
+def _check_ports(s: Services) -> None:
+    wanted = {"prefect-server": s.prefect_port, "mlflow-server": s.mlflow_port}
+    if s.backend == "postgres":
+        wanted["postgres"] = s.postgres_port
+    taken = [f"{name} port {port}" for name, port in wanted.items() if not port_free(port)]
+    if taken:
+        raise ServiceError(
+            f"{HOST}: {', '.join(taken)} already in use. Choose other ports with "
+            "--prefect-port / --mlflow-port / --postgres-port (or XMODAL_PREFECT_PORT, "
+            "XMODAL_MLFLOW_PORT, XMODAL_POSTGRES_PORT), or `make stop` an earlier `make serve`."
+        )
+
+
+def start_prefect_server(s: Services) -> None:
+    env = {
+        "PREFECT_HOME": str(s.prefect_home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_API_URL": s.prefect_api,
+        **s.extra_env,
+    }
+    if s.backend == "postgres":
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = s.postgres_url("prefect", "asyncpg")
+    cmd = [_bin("prefect"), "server", "start", "--host", HOST, "--port", str(s.prefect_port)]
+    # A PREFECT_API_URL from the caller's shell would make the server a client of another API.
+    proc = _spawn(s, "prefect-server", cmd, env, unset=("PREFECT_API_URL",))
+    _wait(s, "prefect-server", proc, lambda: _http_ok(f"{s.prefect_api}/health"))
+
+
+def start_mlflow_server(s: Services) -> None:
+    store = s.state / "mlflow"
+    store.mkdir(parents=True, exist_ok=True)
+    backend = (
+        s.postgres_url("mlflow", "psycopg")
+        if s.backend == "postgres"
+        else f"sqlite:///{(store / 'mlflow.db').resolve()}"
+    )
+    cmd = [
+        _bin("mlflow"),
+        "server",
+        "--host",
+        HOST,
+        "--port",
+        str(s.mlflow_port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        backend,
+        "--artifacts-destination",
+        (store / "artifacts").resolve().as_uri(),
+    ]
+    proc = _spawn(s, "mlflow-server", cmd, dict(s.extra_env))
+    _wait(s, "mlflow-server", proc, lambda: _http_ok(f"{s.mlflow_uri}/health"))
+
+
+def deploy(s: Services) -> None:
+    """Create the process work pool and the deployments in prefect.yaml."""
+    env = {**s.client_env(), **s.extra_env}
+    prefect = _bin("prefect")
+    _run(s, "deploy", [prefect, "work-pool", "create", WORK_POOL, "--type", "process",
+                       "--overwrite"], env)  # fmt: skip
+    _run(s, "deploy", [prefect, "--no-prompt", "deploy", "--all"], env)
+
+
+def _worker_online(s: Services) -> bool:
+    try:
+        workers = _http_json(f"{s.prefect_api}/work_pools/{WORK_POOL}/workers/filter", {})
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+    return any(w.get("status") == "ONLINE" for w in workers)  # type: ignore[union-attr]
+
+
+def start_worker(s: Services) -> None:
+    # The flow runs the worker starts inherit this environment: MLflow goes to the server.
+    env = {**s.client_env(), **s.extra_env}
+    cmd = [_bin("prefect"), "worker", "start", "--pool", WORK_POOL, "--type", "process"]
+    proc = _spawn(s, "prefect-worker", cmd, env)
+    _wait(s, "prefect-worker", proc, lambda: _worker_online(s))
+
+
+def start(s: Services, echo: Callable[[str], None] = print) -> None:
+    """Start every service in ORDER; on any failure stop what was started, then raise."""
+    _check_ports(s)
+    s.state.mkdir(parents=True, exist_ok=True)
+    steps: list[tuple[str, Callable[[Services], None]]] = [
+        ("prefect-server", start_prefect_server),
+        ("mlflow-server", start_mlflow_server),
+        ("deployments", deploy),
+        ("prefect-worker", start_worker),
+    ]
+    if s.backend == "postgres":
+        from tasks.postgres import start_postgres
+
+        steps.insert(0, ("postgres", start_postgres))
+    try:
+        for name, step in steps:
+            t0 = time.monotonic()
+            step(s)
+            echo(f"{name}: ready ({time.monotonic() - t0:.0f} s)")
+    except BaseException:
+        stop(s, echo=lambda _m: None)
+        raise
+    write_env(s)
+    echo(f"Prefect UI and API: http://{HOST}:{s.prefect_port}  ({s.prefect_api})")
+    echo(f"MLflow UI:          {s.mlflow_uri}")
+    echo(f"work pool {WORK_POOL}, deployments: {', '.join(DEPLOYMENTS)}")
+    echo(f"pid files and logs under {s.state}; `source {s.state / 'env'}` to use these servers")
+
+
+def write_env(s: Services) -> None:
+    lines = [f"export {k}={v}" for k, v in s.client_env().items()]
+    (s.state / "env").write_text("\n".join(lines) + "\n")
+
+
+def stop(s: Services, echo: Callable[[str], None] = print, grace: float = 15.0) -> list[str]:
+    """Stop the processes named by the pid files (their whole process groups); return names."""
+    stopped = []
+    for name in reversed(ORDER):
+        if name == "postgres":
+            from tasks.postgres import stop_postgres
+
+            if stop_postgres(s):
+                stopped.append(name)
+                echo("postgres: stopped")
+            continue
+        pid_file = s.pid_file(name)
+        pid = read_pid(pid_file)
+        if pid is None:
+            continue
+        if alive(pid):
+            _signal_group(pid, signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            while alive(pid) and time.monotonic() < deadline:
+                _reap(pid)
+                time.sleep(0.2)
+            if alive(pid):
+                _signal_group(pid, signal.SIGKILL)
+            _reap(pid)
+            stopped.append(name)
+            echo(f"{name}: stopped (pid {pid})")
+        pid_file.unlink(missing_ok=True)
+    return stopped
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pid, sig)  # the group we created with start_new_session
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        os.kill(pid, sig)
+
+
+def _reap(pid: int) -> None:
+    """Collect the exit status when the process is our own child (tests start and stop)."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def status(s: Services) -> dict[str, str]:
+    out = {}
+    for name in ORDER:
+        pid = read_pid(s.pid_file(name))
+        if pid is not None:
+            out[name] = f"running (pid {pid})" if alive(pid) else f"dead (stale pid {pid})"
+    return out
+
+
+def require_postgres_binaries() -> Path:
+    """The directory holding initdb/pg_ctl, or a ServiceError saying how to install them."""
+    for candidate in [shutil.which("pg_ctl")] + sorted(
+        str(p) for p in Path("/usr/lib/postgresql").glob("*/bin/pg_ctl")
+    ):
+        if candidate and Path(candidate).exists():
+            return Path(candidate).resolve().parent
+    raise ServiceError(
+        "PostgreSQL binaries (initdb, pg_ctl) not found; install Debian's package: "
+        "`apt-get install -y postgresql`"
+    )

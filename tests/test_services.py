@@ -1,0 +1,172 @@
+"""The pipeline through real services: Prefect server + deployments + worker, MLflow server.
+
+Exactly what a user does after `make serve`: `prefect deployment run` executed by the worker
+against the MLflow tracking server; then the run, the registered version and its aliases are read
+back from that server. Everything runs on free ports on 127.0.0.1 in a throwaway git repository
+and is torn down even when a test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tasks.services import ServiceError, Services, free_port, start, status, stop
+
+from .conftest import make_repo
+
+pytestmark = pytest.mark.services
+
+BIN = Path(sys.executable).parent
+MODEL = "xmodal-dual-encoder"
+
+
+def _clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def _prefect(s: Services, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "prefect"), *args],
+        cwd=s.root,
+        env={**_clean_env(), **s.client_env(), "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _flow_run(s: Services, run_output: str) -> dict:
+    match = re.search(r"UUID:\s*([0-9a-f-]{36})", run_output)
+    assert match, run_output
+    with urllib.request.urlopen(f"{s.prefect_api}/flow_runs/{match.group(1)}", timeout=10) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory):
+    repo = make_repo(tmp_path_factory.mktemp("xmodal-services"))
+    s = Services(
+        root=repo,
+        state=repo / ".services",
+        prefect_port=free_port(),
+        mlflow_port=free_port(),
+        timeout=300,
+    )
+    old, clean = dict(os.environ), _clean_env()
+    os.environ.clear()
+    os.environ.update(clean)  # the servers must not inherit the test session's Prefect
+    try:
+        start(s, echo=print)
+        yield s
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+        stop(s, echo=print)
+
+
+@pytest.fixture(scope="module")
+def deployment_run(services: Services) -> subprocess.CompletedProcess:
+    return _prefect(
+        services,
+        "deployment",
+        "run",
+        "training-pipeline/default",
+        "-p",
+        "epochs=1",
+        "-p",
+        "seed=1",
+        "--watch",
+        "--watch-timeout",
+        "900",
+    )
+
+
+def test_services_are_healthy_and_recorded(services: Services):
+    assert set(status(services)) == {"prefect-server", "mlflow-server", "prefect-worker"}
+    assert all(v.startswith("running") for v in status(services).values())
+    listed = _prefect(services, "deployment", "ls")
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    assert "training-pipeline/default" in listed.stdout
+    assert "batch-inference/default" in listed.stdout
+    env_file = (services.state / "env").read_text()
+    assert f"MLFLOW_TRACKING_URI={services.mlflow_uri}" in env_file
+
+
+def test_deployment_run_completes_against_mlflow_server(services: Services, deployment_run):
+    out = deployment_run.stdout + deployment_run.stderr
+    assert deployment_run.returncode == 0, out[-4000:]
+    run = _flow_run(services, out)
+    assert run["state"]["type"] == "COMPLETED"
+    assert run["parameters"]["epochs"] == 1
+    # The run name is built from the key params, including the typed overrides.
+    assert run["name"].endswith("-e1-lr0.001-seed1"), run["name"]
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=services.mlflow_uri)
+    exp = client.get_experiment_by_name("xmodal")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    mlrun = runs[0]
+    assert mlrun.data.params["train.epochs"] == "1"
+    assert mlrun.data.tags["prefect_flow_run_id"] == run["id"]
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=services.root, capture_output=True, text=True
+    ).stdout.strip()
+    assert mlrun.data.tags["git_commit"] == head
+    assert "test/i2t_R1" in mlrun.data.metrics
+    versions = client.search_model_versions(f"name='{MODEL}'")
+    assert [v.version for v in versions] == ["1"]
+    assert versions[0].run_id == mlrun.info.run_id
+    for alias in ("candidate", "champion"):
+        assert client.get_model_version_by_alias(MODEL, alias).version == "1"
+    # The worker's flow run wrote no local MLflow store: everything went to the server.
+    assert not (services.root / "mlflow.db").exists()
+
+
+def test_failed_stage_fails_the_flow_with_its_message(services: Services, deployment_run):
+    assert deployment_run.returncode == 0
+    bad = _prefect(
+        services,
+        "deployment",
+        "run",
+        "training-pipeline/default",
+        "-p",
+        'overrides=["ingest.source=csv", "ingest.csv.path=missing.csv", "ingest.csv.image_root=."]',
+        "--watch",
+        "--watch-timeout",
+        "600",
+    )
+    out = bad.stdout + bad.stderr
+    assert bad.returncode != 0, out[-3000:]
+    state = _flow_run(services, out)["state"]
+    assert state["type"] == "FAILED"
+    assert "stage ingest failed" in state["message"], state["message"]
+    assert "missing.csv" in state["message"], state["message"]
+
+
+def test_typed_flow_parameters_are_validated(services: Services):
+    bad = _prefect(services, "deployment", "run", "training-pipeline/default", "-p", "lr=-1")
+    assert "Validation failed for field 'lr'" in bad.stdout + bad.stderr
+
+
+def test_taken_port_is_reported(tmp_path: Path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        taken = sock.getsockname()[1]
+        s = Services(root=tmp_path, state=tmp_path / "state", prefect_port=taken)
+        with pytest.raises(ServiceError, match=f"prefect-server port {taken} already in use"):
+            start(s, echo=print)
+    assert status(s) == {}
