@@ -19,7 +19,16 @@ from pathlib import Path
 
 import pytest
 
-from tasks.services import ServiceError, Services, free_port, start, status, stop
+from tasks.postgres import remove_cluster
+from tasks.services import (
+    ServiceError,
+    Services,
+    free_port,
+    require_postgres_binaries,
+    start,
+    status,
+    stop,
+)
 
 from .conftest import make_repo
 
@@ -53,14 +62,22 @@ def _flow_run(s: Services, run_output: str) -> dict:
         return json.loads(r.read())
 
 
-@pytest.fixture(scope="module")
-def services(tmp_path_factory):
-    repo = make_repo(tmp_path_factory.mktemp("xmodal-services"))
+# sqlite: `make serve`; postgres: the production profile (both backend stores in PostgreSQL).
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def services(request, tmp_path_factory):
+    if request.param == "postgres":
+        try:
+            require_postgres_binaries()
+        except ServiceError as err:
+            pytest.skip(str(err))
+    repo = make_repo(tmp_path_factory.mktemp(f"xmodal-services-{request.param}"))
     s = Services(
         root=repo,
         state=repo / ".services",
         prefect_port=free_port(),
         mlflow_port=free_port(),
+        backend=request.param,
+        postgres_port=free_port(),
         timeout=300,
     )
     old, clean = dict(os.environ), _clean_env()
@@ -73,6 +90,8 @@ def services(tmp_path_factory):
         os.environ.clear()
         os.environ.update(old)
         stop(s, echo=print)
+        if s.backend == "postgres":
+            remove_cluster(s)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +112,10 @@ def deployment_run(services: Services) -> subprocess.CompletedProcess:
 
 
 def test_services_are_healthy_and_recorded(services: Services):
-    assert set(status(services)) == {"prefect-server", "mlflow-server", "prefect-worker"}
+    expected = {"prefect-server", "mlflow-server", "prefect-worker"}
+    if services.backend == "postgres":
+        expected.add("postgres")
+    assert set(status(services)) == expected
     assert all(v.startswith("running") for v in status(services).values())
     listed = _prefect(services, "deployment", "ls")
     assert listed.returncode == 0, listed.stdout + listed.stderr
@@ -133,6 +155,18 @@ def test_deployment_run_completes_against_mlflow_server(services: Services, depl
         assert client.get_model_version_by_alias(MODEL, alias).version == "1"
     # The worker's flow run wrote no local MLflow store: everything went to the server.
     assert not (services.root / "mlflow.db").exists()
+    if services.backend == "postgres":
+        assert _pg_count(services, "mlflow", "SELECT count(*) FROM model_versions") == 1
+        assert _pg_count(services, "prefect", "SELECT count(*) FROM deployment") == 2
+        assert _pg_count(services, "prefect", "SELECT count(*) FROM flow_run") >= 1
+
+
+def _pg_count(s: Services, database: str, sql: str) -> int:
+    import psycopg
+
+    url = s.postgres_url(database, "psycopg").replace("postgresql+psycopg", "postgresql")
+    with psycopg.connect(url) as conn:
+        return conn.execute(sql).fetchone()[0]
 
 
 def test_failed_stage_fails_the_flow_with_its_message(services: Services, deployment_run):
