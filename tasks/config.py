@@ -180,6 +180,8 @@ class MlflowParams(_Section):
     # MLFLOW_TRACKING_URI in the environment takes precedence (servers, deployments).
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment: str = "xmodal"
+    system_metrics: bool = True  # CPU/memory/disk/network (and GPU when present) during train
+    system_metrics_interval: float = Field(10.0, gt=0)  # seconds between samples
 
 
 class RegisterParams(_Section):

@@ -19,12 +19,36 @@ RUN_FILE = "run.json"
 
 
 def tracking_uri(p: MlflowParams, root: Path) -> str:
-    """MLFLOW_TRACKING_URI wins over params; a relative sqlite path is taken under the project."""
+    """MLFLOW_TRACKING_URI wins over params; a relative sqlite path is taken under the project.
+
+    Under `dvc exp run --temp` or a queued experiment the stages run in a temporary copy; DVC_ROOT
+    names the real project, so the store (and every experiment's run) stays in one place.
+    """
     uri = os.environ.get("MLFLOW_TRACKING_URI") or p.tracking_uri
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
-        uri = prefix + str((Path(root) / uri[len(prefix) :]).resolve())
+        base = Path(os.environ.get("DVC_ROOT") or root)
+        uri = prefix + str((base / uri[len(prefix) :]).resolve())
     return uri
+
+
+def run_identity() -> tuple[str | None, dict[str, str]]:
+    """(run name, tags) naming who started the run: a DVC experiment or a Prefect flow run.
+
+    `dvc exp run` sets DVC_EXP_NAME (its own random name when `-n` is not given), so the MLflow
+    run carries the experiment's name and `dvc exp show` and the MLflow UI line up.
+    """
+    exp = os.environ.get("DVC_EXP_NAME")
+    if exp:
+        baseline = os.environ.get("DVC_EXP_BASELINE_REV", "")
+        return exp, {"dvc_exp_name": exp, "dvc_exp_baseline_rev": baseline}
+    try:
+        from prefect.runtime import flow_run
+
+        name = flow_run.name
+    except Exception:  # noqa: BLE001 - outside Prefect there is simply no flow run
+        name = None
+    return (name or None), ({"prefect_flow_run_name": name} if name else {})
 
 
 def setup(p: MlflowParams, root: Path) -> str:

@@ -137,11 +137,22 @@ def train(
     history_csv.parent.mkdir(parents=True, exist_ok=True)
 
     tracking.setup(mlflow_p, root)
-    with mlflow.start_run() as run, open(history_csv, "w", newline="") as hist:
+    run_name, run_tags = tracking.run_identity()
+    mlflow.set_system_metrics_sampling_interval(mlflow_p.system_metrics_interval)
+    mlflow.set_system_metrics_samples_before_logging(1)
+    with (
+        mlflow.start_run(run_name=run_name, log_system_metrics=mlflow_p.system_metrics) as run,
+        open(history_csv, "w", newline="") as hist,
+    ):
         (out / tracking.RUN_FILE).write_text(json.dumps({"run_id": run.info.run_id}))
         mlflow.log_params(tracking.flatten(all_params))
         mlflow.set_tags(
-            {"params_hash": params_hash, "device": str(device), **tracking.git_state(root)}
+            {
+                "params_hash": params_hash,
+                "device": str(device),
+                **tracking.git_state(root),
+                **run_tags,
+            }
         )
         n_trainable = sum(q.numel() for q in net.parameters() if q.requires_grad)
         mlflow.log_metrics(

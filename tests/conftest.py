@@ -55,6 +55,8 @@ TINY = {
         "text": {"lr": None, "trainable_blocks": None},
     },
     "evaluate": {"batch_size": 16},
+    # Tiny runs last seconds: sample system metrics often enough to see some.
+    "mlflow": {"system_metrics_interval": 0.5},
     "infer": {"chunk_size": 7, "queries": ["a red circle on the left", "a small blue square"]},
 }
 

@@ -143,6 +143,8 @@ def test_registered_version_with_lineage(repo: Path, first_run: str):
     assert run.data.tags["dvc_data_version"] == data_md5 == candidate.tags["dvc_data_version"]
     assert run.data.params["train.batch_size"] == "8"
     assert "test/i2t_R1" in run.data.metrics and "train/loss" in run.data.metrics
+    assert "system/cpu_utilization_percentage" in run.data.metrics  # system metrics were on
+    assert run.info.run_name == "resnet18-bert1x32-e1-lr0.001-seed0"  # the Prefect run's name
     history = client.get_metric_history(run.info.run_id, "train/loss")
     assert len(history) == 3  # one point per step with log_every=1
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -207,6 +209,28 @@ def test_flow_after_dvc_repro_skips(repo: Path, first_run: str):
     again = _xmodal(repo)
     stages_line = next(line for line in again.splitlines() if line.startswith("stages:"))
     assert stages_line.count("skipped") == 7, stages_line
+
+
+def test_dvc_experiment_is_named_in_mlflow_and_diffs(repo: Path, first_run: str):
+    """`dvc exp run -S` shows in `dvc exp show`, names its MLflow run, and diffs against HEAD."""
+    _sh(repo, "git", "add", "-A")
+    _sh(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline")
+    dvc = (sys.executable, "-m", "dvc")
+    _sh(repo, *dvc, "exp", "run", "-S", "train.lr=0.002", "-n", "lr-hi")
+    shown = json.loads(_sh(repo, *dvc, "exp", "show", "--json"))
+    names = [e["name"] for b in shown for e in (b.get("experiments") or [])]
+    assert "lr-hi" in names, names
+    runs = _mlflow_client(repo).search_runs(
+        [_mlflow_client(repo).get_experiment_by_name("xmodal").experiment_id],
+        filter_string="tags.dvc_exp_name = 'lr-hi'",
+    )
+    assert len(runs) == 1 and runs[0].info.run_name == "lr-hi"
+    assert runs[0].data.params["train.lr"] == "0.002"
+    diff = json.loads(_sh(repo, *dvc, "metrics", "diff", "HEAD", "lr-hi", "--all", "--json"))
+    assert "test.i2t_R1" in diff["reports/metrics.json"], diff
+    _sh(repo, *dvc, "plots", "diff", "HEAD", "lr-hi", "-o", "plots-diff")
+    html = (repo / "plots-diff" / "index.html").read_text()
+    assert "lr-hi" in html and "HEAD" in html
 
 
 def test_dvc_push_pull_round_trip(repo: Path, first_run: str):
