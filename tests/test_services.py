@@ -105,6 +105,8 @@ def deployment_run(services: Services) -> subprocess.CompletedProcess:
         "epochs=1",
         "-p",
         "seed=1",
+        "-p",
+        "promote=true",
         "--watch",
         "--watch-timeout",
         "900",
@@ -130,7 +132,7 @@ def test_deployment_run_completes_against_mlflow_server(services: Services, depl
     assert deployment_run.returncode == 0, out[-4000:]
     run = _flow_run(services, out)
     assert run["state"]["type"] == "COMPLETED"
-    assert run["parameters"]["epochs"] == 1
+    assert run["parameters"]["epochs"] == 1 and run["parameters"]["promote"] is True
     # The run name is built from the key params, including the typed overrides.
     assert run["name"].endswith("-e1-lr0.001-seed1"), run["name"]
 
