@@ -214,7 +214,7 @@ def train(
                 lr = sched.get_last_lr()[0]
                 writer.writerow([step, epoch, f"{loss_val:.6f}", f"{lr:.6g}", f"{temperature:.6f}"])
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_val:.3f}", epoch=epoch)
+                bar.set_postfix(loss=f"{loss_val:.3f}", epoch=epoch, refresh=False)
                 if step % p.log_every == 0 or step == total:
                     extra = {f"train/loss_{k}": float(v.detach()) for k, v in parts.items()}
                     extra.update(
