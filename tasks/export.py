@@ -25,6 +25,7 @@ from model import DualEncoder
 from tasks import stage, variants
 from tasks.config import ExportParams, Params
 from tasks.data import load_split, read_json, to_pixels
+from tasks.ingest import DatasetError
 from tasks.onnx_runtime import make_session, run_chunked
 from tasks.preprocess import TOKENIZER_DIR
 from tasks.train import load_checkpoint
@@ -166,6 +167,16 @@ def check_parity(net: DualEncoder, onnx_dir: Path, prepared: Path, p: ExportPara
     }
 
 
+def _precision_check_images(prepared: Path, calibration: torch.Tensor) -> np.ndarray:
+    """Validation images for choosing int8 mixed precision; the calibration images when the
+    validation split is empty (preprocess.val_fraction: 0). Never the test split it is scored on."""
+    try:
+        return to_pixels(load_split(prepared, "val").images).numpy()
+    except DatasetError:
+        log.warning("no validation split: int8 mixed precision is chosen on the calibration images")
+    return calibration.numpy()
+
+
 def build_variants(p: ExportParams, out: Path, prepared: Path) -> dict:
     """Build each requested variant; score it and fp32 on the test split through ONNX Runtime."""
     from model import retrieval_metrics
@@ -180,10 +191,13 @@ def build_variants(p: ExportParams, out: Path, prepared: Path) -> dict:
     fp32 = score(ref_img, ref_txt)
     report = {"fp32": {"metrics": fp32, "bytes": variants.file_sizes(out, "fp32")}}
     for name in p.variants:
+        built: dict = {}
         try:
             if name == "int8":
-                calib = load_split(prepared, "train").images[: p.calibration_images]
-                variants.build_int8(out, to_pixels(calib).numpy())
+                calib = to_pixels(load_split(prepared, "train").images[: p.calibration_images])
+                built = variants.build_int8(
+                    out, calib.numpy(), _precision_check_images(prepared, calib), p.int8
+                )
             else:
                 variants.build_fp16(out)
             img, txt = variants.embed_with_onnx(out, name, test)
@@ -200,6 +214,7 @@ def build_variants(p: ExportParams, out: Path, prepared: Path) -> dict:
                 max(np.abs(img - ref_img).max(), np.abs(txt - ref_txt).max())
             ),
             "bytes": variants.file_sizes(out, name),
+            **({"mixed_precision": built} if built else {}),
         }
     return report
 

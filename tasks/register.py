@@ -106,6 +106,14 @@ def model_card(lineage: dict, params: dict, metrics: dict, export: dict) -> str:
             )
         else:
             lines.append(f"| {name} | unavailable here: {v['reason'][:80]} | | | |")
+    mixed = export.get("variants", {}).get("int8", {}).get("mixed_precision")
+    if mixed:
+        lines += [
+            "",
+            f"int8 image tower: first {mixed['image_fp32_convs']} of {mixed['image_convs']} convs "
+            f"kept fp32 (validation cosine to fp32 {mixed['val_cosine']:.4f}, "
+            f"target {mixed['min_cosine']}).",
+        ]
     return "\n".join(lines)
 
 
@@ -158,6 +166,14 @@ def register(
                 mlflow.log_metrics({f"export/{name}_bytes_{t}": b for t, b in v["bytes"].items()})
                 for k, d in v.get("delta_vs_fp32", {}).items():
                     mlflow.log_metric(f"export/{name}_delta_{k}", d)
+                if "mixed_precision" in v:
+                    mixed = v["mixed_precision"]
+                    mlflow.log_metrics(
+                        {
+                            f"export/{name}_image_fp32_convs": mixed["image_fp32_convs"],
+                            f"export/{name}_val_cosine": mixed["val_cosine"],
+                        }
+                    )
         mlflow.log_metrics(
             {
                 "export/parity_max_abs_diff": parity["max_abs_diff"],

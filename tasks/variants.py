@@ -1,14 +1,16 @@
 """Export variants of the fp32 towers: int8 (onnxruntime.quantization) and fp16.
 
 int8: dynamic quantisation for the text tower (weights int8, activations quantised on the fly,
-the usual choice for transformers), static QDQ for the image tower calibrated on train-split
-images. fp16: a float16 graph with float32 inputs/outputs, for GPU serving; built here and kept
-only if ONNX Runtime on this machine can run it.
+the usual choice for transformers); static QDQ for the image tower, calibrated on train-split
+images, with its first convolutions kept fp32 as far as the validation images need. fp16: a
+float16 graph with float32 inputs/outputs, for GPU serving; built here and kept only if ONNX
+Runtime on this machine can run it.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -24,6 +26,8 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
+from tasks.config import Int8Params
+
 log = logging.getLogger("xmodal")
 
 TOWERS = ("image_encoder", "text_encoder")
@@ -34,9 +38,10 @@ def variant_file(tower: str, variant: str) -> str:
     return f"{tower}.onnx" if variant == "fp32" else f"{tower}.{variant}.onnx"
 
 
-class _Calibration(CalibrationDataReader):
-    def __init__(self, pixels: np.ndarray, batch: int) -> None:
-        # pixels: (N, 3, S, S) float32 in [0, 1]
+class Calibration(CalibrationDataReader):
+    """Feeds (N, 3, S, S) float32 pixels in [0, 1] to the calibrator, `batch` images a call."""
+
+    def __init__(self, pixels: np.ndarray, batch: int = 32) -> None:
         self._batches = iter(
             [{"pixels": pixels[i : i + batch]} for i in range(0, len(pixels), batch)]
         )
@@ -45,7 +50,7 @@ class _Calibration(CalibrationDataReader):
         return next(self._batches, None)
 
 
-def _preprocessed(src: Path, tmp: Path) -> Path:
+def preprocessed(src: Path, tmp: Path) -> Path:
     """Shape inference + graph cleanup recommended before quantisation.
 
     The dynamo exporter's recorded intermediate shapes can disagree with ONNX's strict shape
@@ -64,24 +69,106 @@ def _preprocessed(src: Path, tmp: Path) -> Path:
         return clean
 
 
-def build_int8(onnx_dir: Path, calibration: np.ndarray) -> None:
+def conv_nodes(model: Path) -> list[str]:
+    """Names of the Conv nodes in graph (topological) order."""
+    return [n.name for n in onnx.load(str(model)).graph.node if n.op_type == "Conv"]
+
+
+def quantize_image(
+    src: Path, dst: Path, calibration: Calibration | None, cache: Path, fp32_nodes: list[str]
+) -> None:
+    """Static QDQ int8 of the image tower; the tensor ranges are calibrated once into `cache`.
+
+    reduce_range (7-bit weights): x86 CPUs without VNNI (AVX2 and AVX-512 without VNNI, such as
+    the 2-core AMD EPYC here) compute u8 x s8 products with vpmaddubsw, whose int16 sums saturate;
+    on this machine full-range weights cost 10 points of image->text R@1 (docs/quantisation.md).
+    Percentile calibration clips the rare extreme activations a MinMax range stretches to.
+    """
+    quantize_static(
+        str(src),
+        str(dst),
+        calibration,
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        reduce_range=True,
+        calibrate_method=CalibrationMethod.Percentile,
+        nodes_to_exclude=fp32_nodes,
+        calibration_cache_path=cache,
+    )
+
+
+def quantize_text(src: Path, dst: Path) -> None:
+    """Dynamic int8 of the text tower: per-channel weight scales (per-tensor scales cost 3 points
+    of i2t R@1 on the default model), reduce_range for the same non-VNNI saturation as above."""
+    quantize_dynamic(
+        str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True
+    )
+
+
+def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean row-wise cosine of two (N, D) L2-normalised embedding sets."""
+    return float((a * b).sum(axis=1).mean())
+
+
+def build_int8(
+    onnx_dir: Path, calibration: np.ndarray, validation: np.ndarray, p: Int8Params
+) -> dict:
+    """int8 towers beside the fp32 ones; returns how the image tower's precision was chosen.
+
+    Mixed precision for the image tower: its first k convolutions stay fp32, for the smallest even
+    k whose int8 embeddings of the validation images reach `p.min_cosine` (mean cosine to fp32).
+    The early, high-resolution layers carry most of the quantisation error (measured layer by
+    layer with onnxruntime's qdq_loss_debug; docs/quantisation.md). If no k up to
+    `p.max_fp32_convs` reaches the target, the best k found is kept and a warning is logged.
+    """
+    fp32_image = onnx_dir / "image_encoder.onnx"
+    target = onnx_dir / variant_file("image_encoder", "int8")
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        quantize_static(
-            str(_preprocessed(onnx_dir / "image_encoder.onnx", tmp)),
-            str(onnx_dir / variant_file("image_encoder", "int8")),
-            _Calibration(calibration.astype(np.float32), 32),
-            quant_format=QuantFormat.QDQ,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-            calibrate_method=CalibrationMethod.MinMax,
+        quantize_text(
+            preprocessed(onnx_dir / "text_encoder.onnx", tmp),
+            onnx_dir / variant_file("text_encoder", "int8"),
         )
-        quantize_dynamic(
-            str(_preprocessed(onnx_dir / "text_encoder.onnx", tmp)),
-            str(onnx_dir / variant_file("text_encoder", "int8")),
-            weight_type=QuantType.QInt8,
-        )
+        src, cache = preprocessed(fp32_image, tmp), tmp / "calibration.json"
+        convs = conv_nodes(src)
+        reference = embed_images(fp32_image, validation)
+        reader: Calibration | None = Calibration(calibration.astype(np.float32))
+        tried: list[dict] = []
+        best: tuple[float, int, Path] | None = None
+        for k in range(0, min(p.max_fp32_convs, len(convs)) + 1, 2):
+            candidate = tmp / f"image_int8_k{k}.onnx"
+            quantize_image(src, candidate, reader, cache, convs[:k])
+            reader = None  # ranges are cached after the first build
+            cosine = mean_cosine(embed_images(candidate, validation), reference)
+            tried.append({"fp32_convs": k, "val_cosine": round(cosine, 6)})
+            if best is None or cosine > best[0]:
+                best = (cosine, k, candidate)
+            if cosine >= p.min_cosine:
+                break
+        cosine, k, chosen = best
+        if cosine < p.min_cosine:
+            log.warning(
+                "int8 image tower: mean validation cosine %.4f < export.int8.min_cosine %.4f "
+                "with up to %d fp32 convs; keeping the best (%d fp32 convs)",
+                cosine, p.min_cosine, p.max_fp32_convs, k,
+            )  # fmt: skip
+        shutil.copy(chosen, target)
+    return {
+        "image_fp32_convs": k,
+        "image_convs": len(convs),
+        "val_cosine": round(cosine, 6),
+        "min_cosine": p.min_cosine,
+        "searched": tried,
+    }
+
+
+def embed_images(model: Path, pixels: np.ndarray, chunk: int = 128) -> np.ndarray:
+    """(N, D) embeddings of float pixels through an image tower on the CPU."""
+    from tasks.onnx_runtime import make_session, run_chunked
+
+    return run_chunked(make_session(model, "cpu"), {"pixels": pixels}, chunk)
 
 
 def build_fp16(onnx_dir: Path) -> None:
@@ -102,9 +189,10 @@ def embed_with_onnx(onnx_dir: Path, variant: str, split, chunk: int = 128):
     from tasks.data import to_pixels
     from tasks.onnx_runtime import make_session, run_chunked
 
-    img_sess = make_session(onnx_dir / variant_file("image_encoder", variant), "cpu")
+    img = embed_images(
+        onnx_dir / variant_file("image_encoder", variant), to_pixels(split.images).numpy(), chunk
+    )
     txt_sess = make_session(onnx_dir / variant_file("text_encoder", variant), "cpu")
-    img = run_chunked(img_sess, {"pixels": to_pixels(split.images).numpy()}, chunk)
     txt = run_chunked(
         txt_sess, {"input_ids": split.input_ids, "attention_mask": split.attention_mask}, chunk
     )
