@@ -1,32 +1,31 @@
 """The `batch-inference` flow: shard the images, map ONNX inference over the shards, merge.
 
-In-process by default; with a Dask scheduler address it runs the shards on that Dask cluster
-through prefect-dask's DaskTaskRunner.
+In-process by default; with a Dask scheduler address (a flow parameter, so deployment runs can
+choose it too) the shards run on that Dask cluster through prefect-dask's DaskTaskRunner.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 from prefect import flow, unmapped
+from pydantic import Field
 
-from tasks.batch import infer_shard_task, merge_shards_task, plan_shards_task
+from tasks.batch import (
+    infer_shard_task,
+    merge_shards_task,
+    plan_shards_task,
+    resolve_model_task,
+)
 from tasks.config import InferParams
 
 
-@flow(name="batch-inference", log_prints=True)
-def batch_inference(
-    model_dir: str,
-    images_dir: str,
-    out: str,
-    queries: list[str] | None = None,
-    shards: int = 4,
-    infer: InferParams | None = None,
+@flow(name="batch-inference-shards")
+def infer_shards(
+    model_dir: str, images_dir: str, out: str, queries: list[str], shards: int, p: dict
 ) -> dict:
-    """Embed `images_dir` (and `queries`) with the exported model in `model_dir`, in shards."""
-    Path(out).mkdir(parents=True, exist_ok=True)
-    p = (infer or InferParams()).model_dump()
-    queries = queries or []
+    """Plan the shards, map inference over them on this flow's task runner, merge in order."""
     plan = plan_shards_task(images_dir, shards)
     results = infer_shard_task.map(
         unmapped(p),
@@ -40,10 +39,24 @@ def batch_inference(
     return merge_shards_task(p, queries, out, results)
 
 
-def run_batch_inference(dask_address: str | None = None, **kwargs) -> dict:
-    """Run the flow in-process, or on the Dask cluster at `dask_address`."""
-    if dask_address is None:
-        return batch_inference(**kwargs)
-    from prefect_dask import DaskTaskRunner
+@flow(name="batch-inference", log_prints=True)
+def batch_inference(
+    model: str,
+    images_dir: str,
+    out: str,
+    queries: list[str] | None = None,
+    shards: Annotated[int, Field(ge=1)] = 4,
+    infer: InferParams | None = None,
+    dask_address: str | None = None,
+) -> dict:
+    """Embed `images_dir` (and `queries`) with `model` (an exported folder or
+    `models:/<name>@<alias>`), in shards; on the Dask cluster at `dask_address` when given."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    model_dir = resolve_model_task(model)
+    run = infer_shards
+    if dask_address:
+        from prefect_dask import DaskTaskRunner
 
-    return batch_inference.with_options(task_runner=DaskTaskRunner(address=dask_address))(**kwargs)
+        run = infer_shards.with_options(task_runner=DaskTaskRunner(address=dask_address))
+    p = (infer or InferParams()).model_dump()
+    return run(model_dir, images_dir, out, queries or [], shards, p)

@@ -8,7 +8,9 @@ equals a single-process run over the whole folder.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,8 +18,9 @@ import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NONE
 
+from tasks import stage
 from tasks.config import InferParams
-from tasks.infer import InferResult, infer, list_images
+from tasks.infer import infer, list_images, resolve_model
 
 
 def plan_shards(images_dir: Path, shards: int) -> list[list[str]]:
@@ -44,7 +47,8 @@ def run_shard(
         Path(out) / f"shard_{index:04d}",
         files=[Path(f) for f in files],
     )
-    return asdict(res)
+    # Which process ran the shard: tells in the summary where the work went (Dask workers).
+    return {**asdict(res), "worker": f"{socket.gethostname()}:{os.getpid()}"}
 
 
 def merge_shards(p: dict, queries: list[str], out: str, shard_results: list[dict]) -> dict:
@@ -94,16 +98,29 @@ def merge_shards(p: dict, queries: list[str], out: str, shard_results: list[dict
         "texts": len(queries),
         "errors": sum(r["errors"] for r in shard_results),
         "shards": len(shard_results),
+        "workers": sorted({r["worker"] for r in shard_results}),
         "files": files,
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
+def resolve_model_dir(model: str) -> str:
+    """An exported folder as given, or a registry URI downloaded to a local folder."""
+    return str(resolve_model(model))
+
+
+resolve_model_task = task(
+    resolve_model_dir,
+    name="resolve-model",
+    cache_policy=NONE,
+    retries=3,
+    retry_delay_seconds=[2, 10, 30],
+    retry_condition_fn=stage.retry_if_transient,
+    timeout_seconds=600,
+)
 plan_shards_task = task(plan_shards, name="plan-shards", cache_policy=NONE)
 infer_shard_task = task(
     run_shard, name="infer-shard", cache_policy=NONE, retries=1, timeout_seconds=3600
 )
 merge_shards_task = task(merge_shards, name="merge-shards", cache_policy=NONE)
-
-__all__ = ["InferResult", "infer_shard_task", "merge_shards_task", "plan_shards_task"]

@@ -1,6 +1,9 @@
 """ONNX export parity on fresh random inputs, and batch inference, on a tiny untrained model."""
 
 import json
+import os
+import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +118,8 @@ def test_int8_variant_is_built_scored_and_served(exported: Path, tmp_path: Path)
     assert variants["int8"]["available"], variants["int8"]
     assert set(variants["int8"]["delta_vs_fp32"]) >= {"i2t_R1", "t2i_R5"}
     assert variants["int8"]["bytes"]["image_encoder"] < variants["fp32"]["bytes"]["image_encoder"]
+    mixed = variants["int8"]["mixed_precision"]
+    assert mixed["searched"][-1]["fp32_convs"] == mixed["image_fp32_convs"]
     # fp16 runs on this CPU's ONNX Runtime, so it is built and checked here
     assert variants["fp16"]["available"], variants["fp16"]
     assert variants["fp16"]["max_abs_diff_vs_fp32"] < 1e-2
@@ -132,21 +137,21 @@ def test_int8_variant_is_built_scored_and_served(exported: Path, tmp_path: Path)
 def test_batch_inference_flow_on_dask_matches_single_process(exported: Path, tmp_path: Path):
     from dask.distributed import LocalCluster
 
-    from flows.batch_inference import run_batch_inference
+    from flows.batch_inference import batch_inference
 
     images = exported / "raw" / "images"
     (images.parent / "junk").mkdir(exist_ok=True)
     queries = ["a red circle", "three shapes", "a small blue square on the right"]
-    kwargs = dict(model_dir=str(exported / "onnx"), images_dir=str(images), queries=queries)
+    kwargs = dict(model=str(exported / "onnx"), images_dir=str(images), queries=queries)
     single = infer(
         InferParams(top_k=3, chunk_size=5), exported / "onnx", images, queries, tmp_path / "one"
     )
     params = InferParams(top_k=3, chunk_size=5)
-    local = run_batch_inference(out=str(tmp_path / "local"), shards=3, infer=params, **kwargs)
+    local = batch_inference(out=str(tmp_path / "local"), shards=3, infer=params, **kwargs)
     with LocalCluster(
         n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
     ) as cluster:
-        dist = run_batch_inference(
+        dist = batch_inference(
             dask_address=cluster.scheduler_address,
             out=str(tmp_path / "dask"),
             shards=3,
@@ -154,6 +159,9 @@ def test_batch_inference_flow_on_dask_matches_single_process(exported: Path, tmp
             **kwargs,
         )
     assert local["shards"] == dist["shards"] == 3
+    here = f"{socket.gethostname()}:{os.getpid()}"
+    assert local["workers"] == [here]
+    assert here not in dist["workers"] and 1 <= len(dist["workers"]) <= 2  # the cluster's workers
     assert dist["images"] == single.images == 16
     ref = pq.read_table(tmp_path / "one/image_embeddings.parquet")
     for run in ("local", "dask"):
@@ -169,3 +177,35 @@ def test_batch_inference_flow_on_dask_matches_single_process(exported: Path, tmp
         assert (tmp_path / run / "image_to_text.jsonl").read_text() == (
             tmp_path / "one/image_to_text.jsonl"
         ).read_text()
+
+
+def _fp32_convs(model: Path) -> list[bool]:
+    """For each Conv in graph order: does it read a float initializer (not a dequantized one)?"""
+    import onnx
+
+    graph = onnx.load(str(model)).graph
+    floats = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    return [n.input[1] in floats for n in graph.node if n.op_type == "Conv"]
+
+
+def test_int8_mixed_precision_stops_at_the_first_k_reaching_the_target(exported, tmp_path):
+    from tasks.config import Int8Params
+    from tasks.data import load_split, to_pixels
+    from tasks.variants import build_int8
+
+    onnx_dir = tmp_path / "onnx"
+    shutil.copytree(exported / "onnx", onnx_dir)
+    calib = to_pixels(load_split(exported / "prep", "train").images).numpy()
+    check = to_pixels(load_split(exported / "prep", "test").images).numpy()
+
+    easy = build_int8(onnx_dir, calib, check, Int8Params(min_cosine=0.01, max_fp32_convs=6))
+    assert easy["image_fp32_convs"] == 0 and len(easy["searched"]) == 1
+    assert _fp32_convs(onnx_dir / "image_encoder.int8.onnx") == [False] * easy["image_convs"]
+
+    # Unreachable: every even k up to the bound is tried and the best one kept.
+    hard = build_int8(onnx_dir, calib, check, Int8Params(min_cosine=1.0, max_fp32_convs=6))
+    assert [t["fp32_convs"] for t in hard["searched"]] == [0, 2, 4, 6]
+    cosines = {t["fp32_convs"]: t["val_cosine"] for t in hard["searched"]}
+    k = hard["image_fp32_convs"]
+    assert cosines[k] == max(cosines.values()) == hard["val_cosine"]
+    assert _fp32_convs(onnx_dir / "image_encoder.int8.onnx")[: k + 1] == [True] * k + [False]

@@ -163,12 +163,63 @@ def test_deployment_run_completes_against_mlflow_server(services: Services, depl
         assert _pg_count(services, "prefect", "SELECT count(*) FROM flow_run") >= 1
 
 
+def test_batch_inference_deployment_serves_the_champion(services: Services, deployment_run):
+    assert deployment_run.returncode == 0
+    out = services.root / "outputs" / "deployed"
+    done = _prefect(
+        services,
+        "deployment",
+        "run",
+        "batch-inference/default",
+        "-p",
+        f"model=models:/{MODEL}@champion",
+        "-p",
+        "images_dir=data/raw/images",
+        "-p",
+        f"out={out}",
+        "-p",
+        'queries=["a red circle"]',
+        "-p",
+        "shards=2",
+        "--watch",
+        "--watch-timeout",
+        "600",
+    )
+    text = done.stdout + done.stderr
+    assert done.returncode == 0, text[-4000:]
+    assert _flow_run(services, text)["state"]["type"] == "COMPLETED"
+    summary = json.loads((out / "summary.json").read_text())
+    images = len(list((services.root / "data" / "raw" / "images").iterdir()))
+    assert (summary["images"], summary["shards"], summary["errors"]) == (images, 2, 0)
+    hits = json.loads((out / "text_to_image.jsonl").read_text())["results"]
+    assert len(hits) == 5
+
+
 def _pg_count(s: Services, database: str, sql: str) -> int:
     import psycopg
 
     url = s.postgres_url(database, "psycopg").replace("postgresql+psycopg", "postgresql")
     with psycopg.connect(url) as conn:
         return conn.execute(sql).fetchone()[0]
+
+
+def test_flow_run_artifacts_include_plots_served_by_mlflow(services: Services, deployment_run):
+    run = _flow_run(services, deployment_run.stdout + deployment_run.stderr)
+    body = json.dumps({"artifacts": {"flow_run_id": {"any_": [run["id"]]}}}).encode()
+    req = urllib.request.Request(
+        f"{services.prefect_api}/artifacts/filter", data=body, method="POST"
+    )
+    req.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        artifacts = {a["key"]: a for a in json.loads(r.read())}
+    assert {"xmodal-report", "xmodal-recall", "xmodal-plot-loss", "xmodal-plot-recall"} <= set(
+        artifacts
+    ), sorted(artifacts)
+    assert "ONNX parity: **passed**" in artifacts["xmodal-report"]["data"]
+    plot = artifacts["xmodal-plot-loss"]
+    assert plot["type"] == "image" and plot["data"].startswith(services.mlflow_uri)
+    with urllib.request.urlopen(plot["data"], timeout=10) as r:
+        assert r.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_failed_stage_fails_the_flow_with_its_message(services: Services, deployment_run):
