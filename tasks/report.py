@@ -5,9 +5,14 @@ from __future__ import annotations
 import base64
 import json
 from pathlib import Path
+from urllib.parse import urlencode
 
 from prefect import task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_image_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
 from prefect.cache_policies import NONE
 
 from tasks.config import DEFAULT_PARAMS, load_params
@@ -57,8 +62,25 @@ def mlflow_links(uri: str, reg: dict) -> str:
     return f"MLflow ({uri}): {run}, {model} (aliases {', '.join(reg['aliases'])})."
 
 
+def plot_urls(root: Path) -> dict[str, str]:
+    """URLs of the run's plots as the MLflow tracking server serves them (evaluate logs them
+    under `plots/`); none for a local store, whose files have no URL a browser can load."""
+    params = load_params(root / DEFAULT_PARAMS)
+    uri = tracking_uri(params.mlflow, root)
+    if not uri.startswith(("http://", "https://")):
+        return {}
+    run_id = json.loads((root / params.paths.register_report).read_text())["run_id"]
+    base = f"{uri.rstrip('/')}/get-artifact"
+    return {
+        png.stem: f"{base}?{urlencode({'path': f'plots/{png.name}', 'run_uuid': run_id})}"
+        for png in sorted((root / params.paths.figures).glob("*.png"))
+    }
+
+
 @task(name="report", cache_policy=NONE)
 def report_task(root: str = ".") -> None:
     md, table = markdown_report(Path(root).resolve())
     create_markdown_artifact(md, key="xmodal-report", description="metrics, parity, MLflow links")
     create_table_artifact(table, key="xmodal-recall", description="test Recall@K")
+    for name, url in plot_urls(Path(root).resolve()).items():
+        create_image_artifact(url, key=f"xmodal-plot-{name}", description=f"{name} plot (MLflow)")
