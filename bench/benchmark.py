@@ -4,7 +4,7 @@ Images/s and texts/s at batch 1, 32 and 128, and test-split Recall@1 for each en
 bench/results.md with the machine described. Needs a finished pipeline run (checkpoint, ONNX
 export with the int8 variant, prepared test split).
 
-    .venv/bin/python bench/benchmark.py [--params params.yaml] [--seconds 3]
+    .venv/bin/python bench/benchmark.py [--params params.yaml] [--seconds 2] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from model import retrieval_metrics  # noqa: E402
 from tasks.config import load_params  # noqa: E402
-from tasks.data import embed_split, load_split, to_pixels  # noqa: E402
+from tasks.data import embed_split, load_split, read_json, to_pixels  # noqa: E402
 from tasks.onnx_runtime import make_session  # noqa: E402
 from tasks.train import load_checkpoint  # noqa: E402
 from tasks.variants import embed_with_onnx, variant_file  # noqa: E402
@@ -33,14 +34,90 @@ from tasks.variants import embed_with_onnx, variant_file  # noqa: E402
 BATCHES = (1, 32, 128)
 
 
-def rate(fn, n_items: int, seconds: float) -> float:
-    """Items per second of fn over at least `seconds` (after one warm-up call)."""
-    fn()
+def calls_per_second(fn, seconds: float) -> float:
+    """Calls/s of fn over at least `seconds` and 3 calls."""
     calls, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds or calls < 3:
         fn()
         calls += 1
-    return calls * n_items / (time.perf_counter() - start)
+    return calls / (time.perf_counter() - start)
+
+
+def measure(fns: dict[str, Callable[[], object]], n_items: int, seconds: float, rounds: int):
+    """Items/s of each engine: (median, min, max) over `rounds` timings of `seconds` each.
+
+    Every engine warms up first (PyTorch eager on this CPU keeps speeding up over its first
+    seconds at a new shape). Then the engines are timed in interleaved rounds, in rotating
+    order, so that drift in the shared machine's speed (seen here: 1.5x over minutes) falls on
+    all of them alike instead of on whichever ran last.
+    """
+    for fn in fns.values():
+        calls_per_second(fn, seconds)
+    names, rates = list(fns), {name: [] for name in fns}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            rates[name].append(calls_per_second(fns[name], seconds) * n_items)
+    return {k: (float(np.median(v)), min(v), max(v)) for k, v in rates.items()}
+
+
+def image_flops(net, size: int) -> float:
+    """FLOPs (2 per multiply-add) of one image through the image tower."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        net.encode_image(torch.rand(1, 3, size, size))
+    return float(counter.get_total_flops())
+
+
+def gemm_ceiling(n: int = 512, seconds: float = 2.0) -> tuple[float, float]:
+    """(fp32 GFLOP/s, u8 x s8 GOP/s) of one ONNX Runtime MatMul / QLinearMatMul: the most a
+    network's int8 kernels can gain over fp32 on this CPU (no VNNI: u8 x s8 goes through
+    vpmaddubsw)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+
+    def session(node, x_type, y_type, inits):
+        graph = helper.make_graph(
+            [node],
+            "gemm",
+            [helper.make_tensor_value_info("x", x_type, [n, n])],
+            [helper.make_tensor_value_info("y", y_type, [n, n])],
+            [numpy_helper.from_array(a, name) for name, a in inits.items()],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+        model.ir_version = 10
+        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    fp32 = session(
+        helper.make_node("MatMul", ["x", "w"], ["y"]),
+        TensorProto.FLOAT,
+        TensorProto.FLOAT,
+        {"w": rng.standard_normal((n, n), dtype=np.float32)},
+    )
+    scale, u8_zero, s8_zero = np.float32(0.01), np.uint8(128), np.int8(0)
+    int8 = session(
+        helper.make_node("QLinearMatMul", ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz"], ["y"]),
+        TensorProto.UINT8,
+        TensorProto.UINT8,
+        {
+            "w": rng.integers(-64, 64, (n, n), dtype=np.int8),
+            **{"xs": np.array(scale), "ws": np.array(scale), "ys": np.array(scale * 5)},
+            **{"xz": np.array(u8_zero), "wz": np.array(s8_zero), "yz": np.array(u8_zero)},
+        },
+    )
+    x32 = rng.standard_normal((n, n), dtype=np.float32)
+    x8 = rng.integers(0, 255, (n, n), dtype=np.uint8)
+    rates = measure(
+        {
+            "fp32": lambda: fp32.run(None, {"x": x32}),
+            "int8": lambda: int8.run(None, {"x": x8}),
+        },
+        2 * n**3,
+        seconds,
+        3,
+    )
+    return rates["fp32"][0] / 1e9, rates["int8"][0] / 1e9
 
 
 def machine() -> str:
@@ -62,17 +139,19 @@ def machine() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
-    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--seconds", type=float, default=2.0, help="length of one timing")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved timings per engine")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results.md")
     args = ap.parse_args()
     params = load_params(args.params)
+    timing = (args.seconds, args.rounds)
     root = args.params.resolve().parent
     onnx_dir, prepared = root / params.paths.onnx, root / params.paths.prepared
     net, _ = load_checkpoint(root / params.paths.train)
     test = load_split(prepared, "test")
     size, length = test.images.shape[1], test.input_ids.shape[1]
 
-    rows, recall = [], {}
+    recall = {}
     img_e, txt_e = embed_split(net, test, 128)
     recall["pytorch"] = retrieval_metrics(img_e @ txt_e.T, test.image_index, (1,))
     for variant in ("fp32", "int8"):
@@ -86,47 +165,85 @@ def main() -> None:
         )
         for v in ("fp32", "int8")
     }
+    images: dict[tuple[str, int], tuple] = {}
+    texts: dict[tuple[str, int], tuple] = {}
     for b in BATCHES:
-        pix = to_pixels(test.images[np.arange(b) % len(test)])
+        # Contiguous NCHW, PyTorch's default layout, and channels_last, the layout to_pixels
+        # produces from the NHWC shards (oneDNN's depthwise convs are much faster on it).
+        pix = to_pixels(test.images[np.arange(b) % len(test)]).contiguous()
+        pix_cl = pix.to(memory_format=torch.channels_last)
         ids = torch.from_numpy(test.input_ids[np.arange(b) % len(test.input_ids)])
         mask = torch.from_numpy(test.attention_mask[np.arange(b) % len(test.input_ids)])
-        with torch.inference_mode():
-            r_img = rate(lambda x=pix: net.encode_image(x), b, args.seconds)
-            r_txt = rate(lambda i=ids, m=mask: net.encode_text(i, m), b, args.seconds)
-        rows.append(("pytorch", b, r_img, r_txt))
+        feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
         pix_np = pix.numpy()
+        image_fns = {
+            "pytorch": lambda x=pix: net.encode_image(x),
+            "pytorch channels_last": lambda x=pix_cl: net.encode_image(x),
+        }
+        text_fns = {"pytorch": lambda i=ids, m=mask: net.encode_text(i, m)}
         for v, (si, st) in sessions.items():
-            feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
-            r_img = rate(lambda s=si, x=pix_np: s.run(None, {"pixels": x}), b, args.seconds)
-            r_txt = rate(lambda s=st, f=feeds: s.run(None, f), b, args.seconds)
-            rows.append((f"onnx-{v}", b, r_img, r_txt))
+            image_fns[f"onnx-{v}"] = lambda s=si, x=pix_np: s.run(None, {"pixels": x})
+            text_fns[f"onnx-{v}"] = lambda s=st, f=feeds: s.run(None, f)
+        with torch.inference_mode():
+            images.update({(e, b): r for e, r in measure(image_fns, b, *timing).items()})
+            texts.update({(e, b): r for e, r in measure(text_fns, b, *timing).items()})
+    fp32_gemm, int8_gemm = gemm_ceiling()
+    mixed = read_json(root / params.paths.export_report)["variants"]["int8"].get("mixed_precision")
+    flops = image_flops(net, size)
 
-    by = {(e, b): (ri, rt) for e, b, ri, rt in rows}
+    def cell(r: tuple[float, float, float] | None) -> str:
+        return f"{r[0]:,.0f} ({r[1]:,.0f}–{r[2]:,.0f})" if r else "–"
+
+    def ratio(table: dict, a: str, b: str) -> str:
+        return f"{table[(a, 32)][0] / table[(b, 32)][0]:.2f}x"
+
+    def delta(key: str) -> str:
+        return f"{100 * (recall['onnx-int8'][key] - recall['onnx-fp32'][key]):+.1f} points"
+
+    def gflops(engine: str) -> str:
+        return f"{images[(engine, 32)][0] * flops / 1e9:.0f} GFLOP/s"
+
     lines = [
         "# Inference benchmark",
         "",
         f"Machine: {machine()}.",
         f"Model: `{params.model.image.backbone}` + {params.model.text.num_layers}-layer BERT "
-        f"(hidden {params.model.text.hidden_size}), {size}x{size} images, {length} tokens.",
-        f"Produced by `python bench/benchmark.py --seconds {args.seconds:g}` on "
-        f"{time.strftime('%Y-%m-%d')}.",
+        f"(hidden {params.model.text.hidden_size}), {size}x{size} images "
+        f"({flops / 1e6:.0f} MFLOP an image), {length} tokens.",
+        *(
+            [
+                f"int8 image tower: first {mixed['image_fp32_convs']} of {mixed['image_convs']} "
+                "convs fp32 (export.int8 mixed precision)."
+            ]
+            if mixed
+            else []
+        ),
+        f"Produced by `python bench/benchmark.py --seconds {args.seconds:g} --rounds "
+        f"{args.rounds}` on {time.strftime('%Y-%m-%d')}: median (min–max) of {args.rounds} "
+        "interleaved timings per engine.",
         "",
         "| engine | batch | images/s | texts/s |",
         "| --- | --- | --- | --- |",
-        *(f"| {e} | {b} | {ri:,.0f} | {rt:,.0f} |" for e, b, ri, rt in rows),
+        *(f"| {e} | {b} | {cell(r)} | {cell(texts.get((e, b)))} |" for (e, b), r in images.items()),
         "",
         "| engine | i2t R@1 | t2i R@1 |",
         "| --- | --- | --- |",
         *(f"| {e} | {m['i2t_R1']:.3f} | {m['t2i_R1']:.3f} |" for e, m in recall.items()),
         "",
-        "Ratios at batch 32 (targets: ONNX fp32 image >= 3x PyTorch; int8 >= 1.7x fp32):",
-        f"- ONNX fp32 / PyTorch, images: {by[('onnx-fp32', 32)][0] / by[('pytorch', 32)][0]:.2f}x;"
-        f" texts: {by[('onnx-fp32', 32)][1] / by[('pytorch', 32)][1]:.2f}x",
-        f"- ONNX int8 / fp32, images: {by[('onnx-int8', 32)][0] / by[('onnx-fp32', 32)][0]:.2f}x;"
-        f" texts: {by[('onnx-int8', 32)][1] / by[('onnx-fp32', 32)][1]:.2f}x",
-        "- Recall@1 change int8 vs fp32: "
-        f"i2t {100 * (recall['onnx-int8']['i2t_R1'] - recall['onnx-fp32']['i2t_R1']):+.1f} points, "
-        f"t2i {100 * (recall['onnx-int8']['t2i_R1'] - recall['onnx-fp32']['t2i_R1']):+.1f} points",
+        "Ratios of medians at batch 32 (targets: ONNX fp32 image >= 3x PyTorch; int8 >= 1.7x "
+        "fp32 with at most 1 point of R@1 lost):",
+        f"- ONNX fp32 / PyTorch, images: {ratio(images, 'onnx-fp32', 'pytorch')} "
+        f"(against channels_last: {ratio(images, 'onnx-fp32', 'pytorch channels_last')}); "
+        f"texts: {ratio(texts, 'onnx-fp32', 'pytorch')}",
+        f"- ONNX int8 / fp32, images: {ratio(images, 'onnx-int8', 'onnx-fp32')}; "
+        f"texts: {ratio(texts, 'onnx-int8', 'onnx-fp32')}",
+        f"- Recall@1 change int8 vs fp32: i2t {delta('i2t_R1')}, t2i {delta('t2i_R1')}",
+        "",
+        "What this CPU allows, at batch 32:",
+        f"- image tower compute: ONNX fp32 {gflops('onnx-fp32')}, PyTorch "
+        f"{gflops('pytorch')}, PyTorch channels_last {gflops('pytorch channels_last')}",
+        f"- ONNX Runtime 512x512x512 GEMM: fp32 {fp32_gemm:.0f} GFLOP/s, u8 x s8 {int8_gemm:.0f} "
+        f"GOP/s ({int8_gemm / fp32_gemm:.2f}x): the ceiling of any int8 speed-up here",
     ]
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
