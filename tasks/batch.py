@@ -114,9 +114,7 @@ resolve_model_task = task(
     resolve_model_dir,
     name="resolve-model",
     cache_policy=NONE,
-    retries=3,
-    retry_delay_seconds=[2, 10, 30],
-    retry_condition_fn=stage.retry_if_transient,
+    **stage.io_retries(2, 10, 30),
     timeout_seconds=600,
 )
 plan_shards_task = task(plan_shards, name="plan-shards", cache_policy=NONE)

@@ -233,9 +233,7 @@ def run(params: Params, root: Path) -> IngestResult:
 @task(
     name="ingest",
     cache_policy=NONE,
-    retries=2,
-    retry_delay_seconds=[2, 10],
-    retry_condition_fn=stage.retry_if_transient,
+    **stage.io_retries(2, 10),
     timeout_seconds=3600,
 )
 def ingest_task(root: str = ".", force: bool = False) -> stage.StageOutcome:

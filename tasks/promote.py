@@ -216,9 +216,7 @@ def report(result: PromoteResult) -> str:
 @task(
     name="promote",
     cache_policy=NONE,
-    retries=2,
-    retry_delay_seconds=[5, 30],
-    retry_condition_fn=stage.retry_if_transient,
+    **stage.io_retries(5, 30),
     timeout_seconds=1800,
 )
 def promote_task(root: str = ".") -> dict:

@@ -253,9 +253,7 @@ def run(params: Params, root: Path) -> RegisterResult:
 @task(
     name="register",
     cache_policy=NONE,
-    retries=3,
-    retry_delay_seconds=[2, 10, 30],
-    retry_condition_fn=stage.retry_if_transient,
+    **stage.io_retries(2, 10, 30),
     timeout_seconds=900,
 )
 def register_task(root: str = ".", force: bool = False) -> stage.StageOutcome:

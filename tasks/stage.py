@@ -74,6 +74,16 @@ def retry_if_transient(task, task_run, state) -> bool:
     return False
 
 
+def io_retries(*delays: float) -> dict[str, Any]:
+    """Prefect task options for idempotent I/O: one retry per delay (backoff, seconds), taken
+    only on network or server errors."""
+    return {
+        "retries": len(delays),
+        "retry_delay_seconds": list(delays),
+        "retry_condition_fn": retry_if_transient,
+    }
+
+
 def stage_changed(root: Path, name: str) -> bool:
     """True when DVC would re-run stage `name` (deps, params, command or outputs changed)."""
     from dvc.repo import Repo
