@@ -5,6 +5,7 @@ bench/results.md with the machine described. Needs a finished pipeline run (chec
 export with the int8 variant, prepared test split).
 
     .venv/bin/python bench/benchmark.py [--params params.yaml] [--seconds 2] [--rounds 5]
+        [--resolutions 128 224]
 """
 
 from __future__ import annotations
@@ -120,6 +121,40 @@ def gemm_ceiling(n: int = 512, seconds: float = 2.0) -> tuple[float, float]:
     return rates["fp32"][0] / 1e9, rates["int8"][0] / 1e9
 
 
+def other_resolutions(net, sizes: list[int], timing: tuple[float, int]) -> list[str]:
+    """The same image-tower weights exported at other input sizes: PyTorch (NCHW) vs ONNX
+    Runtime fp32 at batch 32, interleaved. Shows how the ratio grows with the resolution."""
+    import tempfile
+
+    from torch.export import Dim
+
+    from tasks.export import ImageEncoder, export_module
+
+    rows = [
+        "| input | PyTorch images/s | ONNX fp32 images/s | ratio |",
+        "| --- | --- | --- | --- |",
+    ]
+    with tempfile.TemporaryDirectory() as d:
+        for size in sizes:
+            path = Path(d) / f"image_{size}.onnx"
+            batch = {"pixels": {0: Dim("batch", min=1, max=1024)}}
+            example = (torch.rand(2, 3, size, size),)
+            export_module(ImageEncoder(net), example, ["pixels"], batch, path, 18)
+            sess, pix = make_session(path, "cpu"), torch.rand(32, 3, size, size)
+            pix_np = pix.numpy()
+            fns = {
+                "pytorch": lambda x=pix: net.encode_image(x),
+                "onnx": lambda s=sess, x=pix_np: s.run(None, {"pixels": x}),
+            }
+            with torch.inference_mode():
+                r = measure(fns, 32, *timing)
+            ratio = r["onnx"][0] / r["pytorch"][0]
+            rows.append(
+                f"| {size}x{size} | {r['pytorch'][0]:,.0f} | {r['onnx'][0]:,.0f} | {ratio:.2f}x |"
+            )
+    return rows
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     try:
@@ -142,6 +177,13 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=2.0, help="length of one timing")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timings per engine")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results.md")
+    ap.add_argument(
+        "--resolutions",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also time the image tower's weights exported at these sizes, e.g. 128 224",
+    )
     args = ap.parse_args()
     params = load_params(args.params)
     timing = (args.seconds, args.rounds)
@@ -188,6 +230,8 @@ def main() -> None:
             images.update({(e, b): r for e, r in measure(image_fns, b, *timing).items()})
             texts.update({(e, b): r for e, r in measure(text_fns, b, *timing).items()})
     fp32_gemm, int8_gemm = gemm_ceiling()
+    resolutions = "".join(f" {r}" for r in args.resolutions)
+    resolutions = f" --resolutions{resolutions}" if resolutions else ""
     mixed = read_json(root / params.paths.export_report)["variants"]["int8"].get("mixed_precision")
     flops = image_flops(net, size)
 
@@ -219,8 +263,8 @@ def main() -> None:
             else []
         ),
         f"Produced by `python bench/benchmark.py --seconds {args.seconds:g} --rounds "
-        f"{args.rounds}` on {time.strftime('%Y-%m-%d')}: median (min–max) of {args.rounds} "
-        "interleaved timings per engine.",
+        f"{args.rounds}{resolutions}` on {time.strftime('%Y-%m-%d')}: median (min–max) of "
+        f"{args.rounds} interleaved timings per engine.",
         "",
         "| engine | batch | images/s | texts/s |",
         "| --- | --- | --- | --- |",
@@ -245,6 +289,14 @@ def main() -> None:
         f"- ONNX Runtime 512x512x512 GEMM: fp32 {fp32_gemm:.0f} GFLOP/s, u8 x s8 {int8_gemm:.0f} "
         f"GOP/s ({int8_gemm / fp32_gemm:.2f}x): the ceiling of any int8 speed-up here",
     ]
+    if args.resolutions:
+        lines += [
+            "",
+            "The same image-tower weights exported at other input sizes, batch 32 "
+            "(`--resolutions`):",
+            "",
+            *other_resolutions(net, args.resolutions, timing),
+        ]
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

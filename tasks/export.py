@@ -63,7 +63,9 @@ class ExportResult:
     out: str
 
 
-def _export(module: nn.Module, args: tuple, names: list[str], shapes: dict, path: Path, opset: int):
+def export_module(
+    module: nn.Module, args: tuple, names: list[str], shapes: dict, path: Path, opset: int
+):
     module.eval()
     torch.onnx.export(
         module,
@@ -90,12 +92,12 @@ def export_towers(
     batch = Dim("batch", min=1, max=65536)
     seq = Dim("seq", min=2, max=net.text.config.max_position_embeddings)
     pixels = torch.rand(2, 3, image_size, image_size)
-    _export(
+    export_module(
         ImageEncoder(net), (pixels,), ["pixels"], {"pixels": {0: batch}}, out / IMAGE_ONNX, opset
     )
     ids = torch.randint(0, net.text.config.vocab_size, (2, max_length))
     mask = torch.ones(2, max_length, dtype=torch.int64)
-    _export(
+    export_module(
         TextEncoder(net),
         (ids, mask),
         ["input_ids", "attention_mask"],
