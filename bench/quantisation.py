@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,7 @@ from onnxruntime.quantization import (
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.benchmark import measure  # noqa: E402
 from model import retrieval_metrics  # noqa: E402
 from tasks import variants  # noqa: E402
 from tasks.config import load_params  # noqa: E402
@@ -52,20 +52,10 @@ IMAGE = {
 }
 
 
-def throughput(path: Path, pixels: np.ndarray, seconds: float = 1.5) -> float:
-    """Median images/s at batch 32 over three timings, after a warm-up."""
+def throughput(path: Path, pixels: np.ndarray) -> float:
+    """Median images/s of one image tower at batch 32 (bench/benchmark.py's timer)."""
     sess, feed = make_session(path, "cpu"), {"pixels": pixels[:32]}
-    start = time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        sess.run(None, feed)
-    rates = []
-    for _ in range(3):
-        calls, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            sess.run(None, feed)
-            calls += 1
-        rates.append(calls * 32 / (time.perf_counter() - start))
-    return float(np.median(rates))
+    return measure({"onnx": lambda: sess.run(None, feed)}, 32, 1.5, 3)["onnx"][0]
 
 
 def layer_errors(float_model: Path, int8_model: Path, pixels: np.ndarray, tmp: Path) -> list[str]:
