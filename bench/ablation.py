@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tasks import tracking  # noqa: E402
-from tasks.config import load_params  # noqa: E402
+from tasks.common.config import load_params  # noqa: E402
 
 EXPERIMENT = "xmodal-ablation"
 VARIANTS: dict[str, list[str]] = {

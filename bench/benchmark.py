@@ -25,12 +25,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model import retrieval_metrics  # noqa: E402
-from tasks.config import load_params  # noqa: E402
-from tasks.data import embed_split, load_split, read_json, to_pixels  # noqa: E402
-from tasks.onnx_runtime import make_session  # noqa: E402
+from model.metrics import retrieval_metrics  # noqa: E402
+from tasks.common.config import load_params  # noqa: E402
+from tasks.common.data import embed_split, load_split, read_json, to_pixels  # noqa: E402
+from tasks.common.variants import embed_with_onnx  # noqa: E402
 from tasks.train import load_checkpoint  # noqa: E402
-from tasks.variants import embed_with_onnx, variant_file  # noqa: E402
+from xmodal_runtime.bundle import tower_file  # noqa: E402
+from xmodal_runtime.session import make_session  # noqa: E402
 
 BATCHES = (1, 32, 128)
 
@@ -202,8 +203,8 @@ def main() -> None:
 
     sessions = {
         v: (
-            make_session(onnx_dir / variant_file("image_encoder", v), "cpu"),
-            make_session(onnx_dir / variant_file("text_encoder", v), "cpu"),
+            make_session(onnx_dir / tower_file("image_encoder", v), "cpu"),
+            make_session(onnx_dir / tower_file("text_encoder", v), "cpu"),
         )
         for v in ("fp32", "int8")
     }

@@ -20,7 +20,7 @@ CHILD = """
 import json, resource, sys, time
 from pathlib import Path
 sys.path.insert(0, {root!r})
-from tasks.config import InferParams
+from tasks.common.config import InferParams
 from tasks.infer import infer
 t = time.perf_counter()
 res = infer(InferParams(chunk_size=64, top_k=5), Path({model!r}), Path({images!r}),
@@ -32,7 +32,7 @@ print(json.dumps({{"images": res.images, "seconds": time.perf_counter() - t,
 
 def make_images(folder: Path, n: int) -> None:
     sys.path.insert(0, str(ROOT))
-    from tasks.synthetic import generate
+    from tasks.common.synthetic import generate
 
     folder.mkdir(parents=True)
     for i in range(n):

@@ -27,10 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.benchmark import machine  # noqa: E402
-from model import ClipLoss  # noqa: E402
+from model.loss import ClipLoss  # noqa: E402
 from tasks import optim  # noqa: E402
-from tasks.config import load_params  # noqa: E402
-from tasks.data import load_split, to_pixels  # noqa: E402
+from tasks.common.config import load_params  # noqa: E402
+from tasks.common.data import load_split, to_pixels  # noqa: E402
 from tasks.train import build_model  # noqa: E402
 
 

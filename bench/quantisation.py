@@ -1,5 +1,5 @@
 """int8 configurations of the exported towers, each scored on the test split: the evidence behind
-`tasks/variants.py::build_int8`. Prints markdown tables (docs/quantisation.md holds a run).
+`tasks/common/variants.py::build_int8`. Prints markdown tables (docs/quantisation.md holds a run).
 
 Text rows: `quantize_dynamic` options, image tower fp32. Image rows: `quantize_static` options,
 text tower fp32, so each row shows one tower's loss; images/s is the image tower at batch 32.
@@ -30,11 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.benchmark import measure  # noqa: E402
-from model import retrieval_metrics  # noqa: E402
+from model.metrics import retrieval_metrics  # noqa: E402
 from tasks import variants  # noqa: E402
-from tasks.config import load_params  # noqa: E402
-from tasks.data import load_split, to_pixels  # noqa: E402
-from tasks.onnx_runtime import make_session, run_chunked  # noqa: E402
+from tasks.common.config import load_params  # noqa: E402
+from tasks.common.data import load_split, to_pixels  # noqa: E402
+from xmodal_runtime.session import make_session, run_chunked  # noqa: E402
 
 TEXT = {
     "defaults (per-tensor weights)": {},

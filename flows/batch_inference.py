@@ -18,7 +18,7 @@ from tasks.batch import (
     plan_shards_task,
     resolve_model_task,
 )
-from tasks.config import InferParams
+from tasks.common.config import InferParams
 
 
 @flow(name="batch-inference-shards")

@@ -12,8 +12,8 @@ from prefect import flow, task
 from prefect.cache_policies import NONE
 from pydantic import Field
 
-from tasks import stage
-from tasks.config import key_overrides
+from tasks.common import stage
+from tasks.common.config import key_overrides
 from tasks.evaluate import evaluate_task
 from tasks.export import export_task
 from tasks.infer import infer_task
@@ -43,7 +43,7 @@ def run_name() -> str:
 
     from prefect.runtime import flow_run
 
-    from tasks.config import (
+    from tasks.common.config import (
         DEFAULT_PARAMS,
         KEY_PARAMS,
         apply_overrides,

@@ -1,21 +1,6 @@
-"""xmodal model library: a CLIP-style image-text dual encoder.
+"""xmodal model library: a CLIP-style image-text dual encoder, in torch.
 
-Imports neither Prefect, DVC nor MLflow, so it can be used from any trainer or server.
+Imports neither Prefect, DVC nor MLflow, so it can be used from any trainer or server. Import
+from the submodules (`model.dual_encoder`, `model.loss`, `model.metrics`, `model.config`): this
+file imports nothing, so code that needs only the config or the metrics does not load torch.
 """
-
-from model.config import ImageTowerConfig, ModelConfig, TextTowerConfig
-from model.dual_encoder import DualEncoder
-from model.loss import ClipLoss, LossWeighting, hard_negatives, itm_loss
-from model.metrics import retrieval_metrics
-
-__all__ = [
-    "ClipLoss",
-    "LossWeighting",
-    "hard_negatives",
-    "itm_loss",
-    "DualEncoder",
-    "ImageTowerConfig",
-    "ModelConfig",
-    "TextTowerConfig",
-    "retrieval_metrics",
-]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.resources
 import math
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -74,3 +76,17 @@ class ModelConfig(_Strict):
     @property
     def init_logit_scale(self) -> float:
         return math.log(1.0 / self.init_temperature)
+
+
+def resolve_pretrained(spec: str) -> Path:
+    """A local directory, or `pkg:<package>/<folder>` inside an installed package."""
+    if spec.startswith("pkg:"):
+        package, _, sub = spec[4:].partition("/")
+        try:
+            base = Path(str(importlib.resources.files(package)))
+        except ModuleNotFoundError:
+            raise FileNotFoundError(
+                f"model.text.pretrained: package {package!r} is not installed"
+            ) from None
+        return base / sub
+    return Path(spec)

@@ -2,28 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.resources
-from pathlib import Path
-
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, BertConfig, BertModel
 
-from model.config import TextTowerConfig
-
-
-def resolve_pretrained(spec: str) -> Path:
-    """A local directory, or `pkg:<package>/<folder>` inside an installed package."""
-    if spec.startswith("pkg:"):
-        package, _, sub = spec[4:].partition("/")
-        try:
-            base = Path(str(importlib.resources.files(package)))
-        except ModuleNotFoundError:
-            raise FileNotFoundError(
-                f"model.text.pretrained: package {package!r} is not installed"
-            ) from None
-        return base / sub
-    return Path(spec)
+from model.config import TextTowerConfig, resolve_pretrained
 
 
 def build_text_encoder(

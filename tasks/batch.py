@@ -1,8 +1,8 @@
 """Sharded batch inference for the `batch-inference` flow: plan shards, run one, merge them.
 
-Each shard is an ordinary `tasks.infer.infer` run over a slice of the sorted image list; the
-merge concatenates embeddings in shard order and merges the per-shard top-k lists, so the result
-equals a single-process run over the whole folder.
+Each shard is an ordinary `xmodal_runtime.batch.embed_folder` run over a slice of the sorted
+image list; the merge concatenates embeddings in shard order and merges the per-shard top-k
+lists, so the result equals a single-process run over the whole folder.
 """
 
 from __future__ import annotations
@@ -18,9 +18,12 @@ import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NONE
 
-from tasks import stage
-from tasks.config import InferParams
-from tasks.infer import infer, list_images, resolve_model
+from tasks.common import stage
+from tasks.common.config import InferParams
+from tasks.common.registry import resolve_model
+from xmodal_runtime import batch
+from xmodal_runtime.encoder import Encoder
+from xmodal_runtime.images import list_images
 
 
 def plan_shards(images_dir: Path, shards: int) -> list[list[str]]:
@@ -39,12 +42,13 @@ def run_shard(
     index: int,
     files: list[str],
 ) -> dict:
-    res = infer(
-        InferParams(**p),
-        Path(model_dir),
+    ip = InferParams(**p)
+    res = batch.embed_folder(
+        Encoder(model_dir, ip.variant, ip.provider, ip.threads, ip.chunk_size),
         Path(images_dir),
         queries,
         Path(out) / f"shard_{index:04d}",
+        ip.top_k,
         files=[Path(f) for f in files],
     )
     # Which process ran the shard: tells in the summary where the work went (Dask workers).
@@ -56,23 +60,21 @@ def merge_shards(p: dict, queries: list[str], out: str, shard_results: list[dict
     out_dir = Path(out)
     shard_dirs = [Path(r["out"]) for r in shard_results]
     emb_paths = [
-        d / "image_embeddings.parquet"
-        for d in shard_dirs
-        if (d / "image_embeddings.parquet").is_file()
+        d / batch.IMAGE_EMBEDDINGS for d in shard_dirs if (d / batch.IMAGE_EMBEDDINGS).is_file()
     ]
     files = {}
     if emb_paths:
         writer = None
         for path in emb_paths:
             table = pq.read_table(path)
-            writer = writer or pq.ParquetWriter(out_dir / "image_embeddings.parquet", table.schema)
+            writer = writer or pq.ParquetWriter(out_dir / batch.IMAGE_EMBEDDINGS, table.schema)
             writer.write_table(table)
         writer.close()
-        files["image_embeddings"] = str(out_dir / "image_embeddings.parquet")
+        files["image_embeddings"] = str(out_dir / batch.IMAGE_EMBEDDINGS)
     if queries:
-        shutil.copy(shard_dirs[0] / "text_embeddings.parquet", out_dir / "text_embeddings.parquet")
-        files["text_embeddings"] = str(out_dir / "text_embeddings.parquet")
-    for name in ("image_to_text.jsonl", "errors.jsonl"):
+        shutil.copy(shard_dirs[0] / batch.TEXT_EMBEDDINGS, out_dir / batch.TEXT_EMBEDDINGS)
+        files["text_embeddings"] = str(out_dir / batch.TEXT_EMBEDDINGS)
+    for name in (batch.IMAGE_TO_TEXT, batch.ERRORS):
         with open(out_dir / name, "w") as dst:
             for d in shard_dirs:
                 if (d / name).is_file():
@@ -81,18 +83,18 @@ def merge_shards(p: dict, queries: list[str], out: str, shard_results: list[dict
     if queries and emb_paths:
         merged: list[list[tuple[float, int, str]]] = [[] for _ in queries]
         for order, d in enumerate(shard_dirs):
-            path = d / "text_to_image.jsonl"
+            path = d / batch.TEXT_TO_IMAGE
             if not path.is_file():
                 continue
             for q, line in enumerate(path.read_text().splitlines()):
                 merged[q] += [(-h["score"], order, h["image"]) for h in json.loads(line)["results"]]
-        with open(out_dir / "text_to_image.jsonl", "w") as f:
+        with open(out_dir / batch.TEXT_TO_IMAGE, "w") as f:
             for q, hits in enumerate(merged):
                 # ties keep the earlier shard first, as the single-process stable sort does
                 best = sorted(hits, key=lambda h: (h[0], h[1]))[: p.get("top_k", 5)]
                 rows = [{"image": img, "score": -s} for s, _, img in best]
                 f.write(json.dumps({"query": queries[q], "results": rows}) + "\n")
-        files["text_to_image"] = str(out_dir / "text_to_image.jsonl")
+        files["text_to_image"] = str(out_dir / batch.TEXT_TO_IMAGE)
     summary = {
         "images": sum(r["images"] for r in shard_results),
         "texts": len(queries),
@@ -101,7 +103,7 @@ def merge_shards(p: dict, queries: list[str], out: str, shard_results: list[dict
         "workers": sorted({r["worker"] for r in shard_results}),
         "files": files,
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out_dir / batch.SUMMARY).write_text(json.dumps(summary, indent=2))
     return summary
 
 

@@ -19,12 +19,12 @@ import mlflow  # noqa: E402
 from prefect import task  # noqa: E402
 from prefect.cache_policies import NONE  # noqa: E402
 
-from model import retrieval_metrics  # noqa: E402
-from tasks import stage, tracking  # noqa: E402
-from tasks.config import EvaluateParams, MlflowParams, Params  # noqa: E402
-from tasks.data import embed_split, load_split  # noqa: E402
-from tasks.rerank import rerank_metrics  # noqa: E402
-from tasks.train import load_checkpoint  # noqa: E402
+from model.metrics import retrieval_metrics  # noqa: E402
+from tasks.common import stage, tracking  # noqa: E402
+from tasks.common.checkpoint import load_checkpoint  # noqa: E402
+from tasks.common.config import EvaluateParams, MlflowParams, Params  # noqa: E402
+from tasks.common.data import embed_split, load_split  # noqa: E402
+from tasks.common.rerank import rerank_metrics  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -21,20 +21,27 @@ from prefect.cache_policies import NONE
 from torch import nn
 from torch.export import Dim
 
-from model import DualEncoder
-from tasks import stage, variants
-from tasks.config import ExportParams, Params
-from tasks.data import load_split, read_json, to_pixels
-from tasks.ingest import DatasetError
-from tasks.onnx_runtime import make_session, run_chunked
-from tasks.preprocess import TOKENIZER_DIR
-from tasks.train import load_checkpoint
+from model.dual_encoder import DualEncoder
+from tasks.common import stage, variants
+from tasks.common.checkpoint import load_checkpoint
+from tasks.common.config import ExportParams, Params
+from tasks.common.data import (
+    META_FILE,
+    TOKENIZER_DIR,
+    embed_images,
+    embed_texts,
+    load_split,
+    read_json,
+    to_pixels,
+)
+from tasks.common.dataset import DatasetError
+from xmodal_runtime import bundle
+from xmodal_runtime.session import make_session, run_chunked
 
 log = logging.getLogger("xmodal")
 
-IMAGE_ONNX = "image_encoder.onnx"
-TEXT_ONNX = "text_encoder.onnx"
-META = "meta.json"
+IMAGE_ONNX = bundle.tower_file("image_encoder")
+TEXT_ONNX = bundle.tower_file("text_encoder")
 # ONNX Runtime 1.2x reads IR versions up to 10/11 reliably; the exporter may stamp a newer one.
 MAX_IR_VERSION = 10
 
@@ -72,7 +79,7 @@ def export_module(
         args,
         str(path),
         input_names=names,
-        output_names=["embeddings"],
+        output_names=[bundle.OUTPUT],
         dynamic_shapes=shapes,
         opset_version=opset,
         dynamo=True,
@@ -93,15 +100,20 @@ def export_towers(
     seq = Dim("seq", min=2, max=net.text.config.max_position_embeddings)
     pixels = torch.rand(2, 3, image_size, image_size)
     export_module(
-        ImageEncoder(net), (pixels,), ["pixels"], {"pixels": {0: batch}}, out / IMAGE_ONNX, opset
+        ImageEncoder(net),
+        (pixels,),
+        [bundle.IMAGE_INPUT],
+        {bundle.IMAGE_INPUT: {0: batch}},
+        out / IMAGE_ONNX,
+        opset,
     )
     ids = torch.randint(0, net.text.config.vocab_size, (2, max_length))
     mask = torch.ones(2, max_length, dtype=torch.int64)
     export_module(
         TextEncoder(net),
         (ids, mask),
-        ["input_ids", "attention_mask"],
-        {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
+        list(bundle.TEXT_INPUTS),
+        {name: {0: batch, 1: seq} for name in bundle.TEXT_INPUTS},
         out / TEXT_ONNX,
         opset,
     )
@@ -117,9 +129,9 @@ def check_parity(net: DualEncoder, onnx_dir: Path, prepared: Path, p: ExportPara
     """Compare ONNX Runtime with PyTorch on fresh random inputs and on the whole test split."""
     img_sess = make_session(onnx_dir / IMAGE_ONNX, "cpu")
     txt_sess = make_session(onnx_dir / TEXT_ONNX, "cpu")
-    meta = read_json(onnx_dir / META)
+    meta = bundle.Bundle.open(onnx_dir).meta
     gen = torch.Generator().manual_seed(1234)
-    n, size, length = p.parity_batch, meta["image_size"], meta["max_length"]
+    n, size, length = p.parity_batch, meta.image_size, meta.max_length
     rand_pix = torch.rand(n, 3, size, size, generator=gen)
     # A shorter sequence than at export time exercises the dynamic sequence axis.
     rand_ids = torch.randint(0, net.text.config.vocab_size, (n, max(2, length // 2)), generator=gen)
@@ -131,15 +143,10 @@ def check_parity(net: DualEncoder, onnx_dir: Path, prepared: Path, p: ExportPara
     test_ids, test_mask = torch.from_numpy(test.input_ids), torch.from_numpy(test.attention_mask)
 
     def both(pix, ids, mask):
-        t_img = torch.cat(
-            [net.encode_image(pix[i : i + 256]) for i in range(0, len(pix), 256)]
-        ).numpy()
-        t_txt = torch.cat(
-            [net.encode_text(ids[i : i + 256], mask[i : i + 256]) for i in range(0, len(ids), 256)]
-        ).numpy()
-        o_img = run_chunked(img_sess, {"pixels": pix.numpy()}, 256)
+        t_img, t_txt = embed_images(net, pix, 256), embed_texts(net, ids, mask, 256)
+        o_img = run_chunked(img_sess, {bundle.IMAGE_INPUT: pix.numpy()}, 256)
         o_txt = run_chunked(
-            txt_sess, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}, 256
+            txt_sess, dict(zip(bundle.TEXT_INPUTS, (ids.numpy(), mask.numpy()), strict=True)), 256
         )
         return {
             "max_abs_diff_image": float(np.abs(t_img - o_img).max()),
@@ -181,7 +188,7 @@ def _precision_check_images(prepared: Path, calibration: torch.Tensor) -> np.nda
 
 def build_variants(p: ExportParams, out: Path, prepared: Path) -> dict:
     """Build each requested variant; score it and fp32 on the test split through ONNX Runtime."""
-    from model import retrieval_metrics
+    from model.metrics import retrieval_metrics
 
     test = load_split(prepared, "test")
 
@@ -226,23 +233,21 @@ def export(
 ) -> ExportResult:
     """Export both towers, copy the tokenizer beside them, and record parity figures."""
     net, ckpt = load_checkpoint(train_dir)
-    meta_in = read_json(prepared / "meta.json")
+    meta_in = read_json(prepared / META_FILE)
     out = Path(out)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     export_towers(net, meta_in["image_size"], meta_in["max_length"], out, p.opset)
-    shutil.copytree(prepared / TOKENIZER_DIR, out / TOKENIZER_DIR)
-    meta = {
-        "image_size": meta_in["image_size"],
-        "max_length": meta_in["max_length"],
-        "embed_dim": net.cfg.embed_dim,
-        "opset": p.opset,
-        "image_input": "pixels: float32 (B, 3, H, W) RGB in [0, 1]; normalisation is in the graph",
-        "params_hash": ckpt.get("params_hash"),
-        "model_config": ckpt["model_config"],
-    }
-    (out / META).write_text(json.dumps(meta, indent=2))
+    shutil.copytree(prepared / TOKENIZER_DIR, out / bundle.TOKENIZER_DIR)
+    bundle.Meta(
+        image_size=meta_in["image_size"],
+        max_length=meta_in["max_length"],
+        embed_dim=net.cfg.embed_dim,
+        opset=p.opset,
+        params_hash=ckpt.get("params_hash"),
+        model_config=ckpt["model_config"],
+    ).write(out)
     parity = check_parity(net, out, prepared, p)
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(

@@ -19,24 +19,15 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NONE
 
-from tasks import stage, synthetic
-from tasks.config import CocoSource, CsvSource, IngestParams, Params
-
-CAPTIONS_FILE = "captions.json"
-MANIFEST_FILE = "manifest.jsonl"
-IMAGES_DIR = "images"
-
-
-class DatasetError(ValueError):
-    """The source dataset is malformed; the message names the file and the problem."""
-
-
-@dataclass(frozen=True)
-class Record:
-    image_id: int
-    path: str  # relative to the folder holding the manifest
-    captions: list[str]
-    sha256: str
+from tasks.common import stage, synthetic
+from tasks.common.config import CocoSource, CsvSource, IngestParams, Params
+from tasks.common.dataset import (
+    CAPTIONS_FILE,
+    IMAGES_DIR,
+    MANIFEST_FILE,
+    DatasetError,
+    Record,
+)
 
 
 @dataclass(frozen=True)
@@ -200,14 +191,6 @@ def ingest(p: IngestParams, out: Path) -> IngestResult:
         for r in records:
             f.write(json.dumps(asdict(r)) + "\n")
     return IngestResult(len(records), sum(len(r.captions) for r in records), str(out))
-
-
-def read_manifest(raw: Path) -> list[Record]:
-    path = Path(raw) / MANIFEST_FILE
-    if not path.is_file():
-        raise DatasetError(f"no manifest at {path}: run the ingest stage first")
-    with open(path) as f:
-        return [Record(**json.loads(line)) for line in f if line.strip()]
 
 
 def _under(root: Path, path: str | None) -> str | None:

@@ -1,12 +1,7 @@
 """preprocess: split by image, decode and resize once into uint8 shards, tokenise captions.
 
-Output layout (one folder, versioned by DVC):
-  {train,val,test}/images_000.npy ...  uint8 (N, S, S, 3), decoded once; no JPEG work in training
-  {train,val,test}/captions.npz        input_ids, attention_mask (C, L), image_index (C,)
-  {train,val,test}/index.json          image ids, paths and caption texts of the split
-  tokenizer/                           the text tower's tokenizer
-  stats.json                           per-channel mean/std of the training images, in [0, 1]
-  meta.json                            image size, max length, vocabulary size, counts
+Writes the prepared layout described in tasks/common/data.py. Images are decoded by the serving
+runtime's `load_image`, so training and inference see the same pixels.
 """
 
 from __future__ import annotations
@@ -17,18 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
 from prefect import task
 from prefect.cache_policies import NONE
 from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerBase
 
-from model.text_tower import resolve_pretrained
-from tasks import stage
-from tasks.config import Params, PreprocessParams
-from tasks.ingest import DatasetError, Record, read_manifest
-
-SPLITS = ("train", "val", "test")
-TOKENIZER_DIR = "tokenizer"
+from model.config import resolve_pretrained
+from tasks.common import stage
+from tasks.common.config import Params, PreprocessParams
+from tasks.common.data import META_FILE, SPLITS, STATS_FILE, TOKENIZER_DIR
+from tasks.common.dataset import DatasetError, Record, read_manifest
+from xmodal_runtime.images import ImageError, load_image
 
 
 @dataclass(frozen=True)
@@ -55,17 +48,6 @@ def split_ids(image_ids: list[int], val_fraction: float, test_fraction: float, s
         "val": sorted(val.tolist()),
         "test": sorted(test.tolist()),
     }
-
-
-def load_image(path: Path, size: int) -> np.ndarray:
-    """Decode, apply EXIF orientation, resize the short side to `size`, centre-crop: (S, S, 3)."""
-    try:
-        with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img).convert("RGB")
-            img = ImageOps.fit(img, (size, size), method=Image.Resampling.BICUBIC)
-            return np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError) as err:
-        raise DatasetError(f"cannot decode image {path}: {err}") from None
 
 
 def build_tokenizer(
@@ -109,6 +91,13 @@ def _wordpiece_vocab(captions: list[str], size: int) -> list[str]:
     return vocab
 
 
+def _decode(path: Path, size: int) -> np.ndarray:
+    try:
+        return load_image(path, size)
+    except ImageError as err:
+        raise DatasetError(str(err)) from None
+
+
 def _write_split(
     name: str,
     records: list[Record],
@@ -125,7 +114,7 @@ def _write_split(
         chunk = records[start : start + p.shard_size]
         arr = np.stack(
             [
-                load_image(raw / r.path, p.image_size)
+                _decode(raw / r.path, p.image_size)
                 for r in stage.progress(chunk, desc=f"preprocess: {name}", unit="img", leave=False)
             ]
         )  # (N, S, S, 3) uint8
@@ -183,14 +172,14 @@ def preprocess(
             mean = total / n
             std = np.sqrt(np.maximum(total_sq / n - mean**2, 1e-12))
             stats = {"mean": mean.round(6).tolist(), "std": std.round(6).tolist()}
-            (out / "stats.json").write_text(json.dumps(stats, indent=2))
+            (out / STATS_FILE).write_text(json.dumps(stats, indent=2))
     meta = {
         "image_size": p.image_size,
         "max_length": p.max_length,
         "vocab_size": len(tokenizer),
         "counts": counts,
     }
-    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    (out / META_FILE).write_text(json.dumps(meta, indent=2))
     return PreprocessResult(counts, len(tokenizer), str(out))
 
 

@@ -19,11 +19,10 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from prefect import task
 from prefect.cache_policies import NONE
-from transformers import AutoTokenizer
 
-from model import retrieval_metrics
-from tasks import stage, tracking
-from tasks.config import (
+from model.metrics import retrieval_metrics
+from tasks.common import stage, tracking
+from tasks.common.config import (
     DEFAULT_PARAMS,
     MlflowParams,
     Params,
@@ -31,11 +30,9 @@ from tasks.config import (
     RegisterParams,
     load_params,
 )
-from tasks.data import read_json
-from tasks.infer import resolve_model
-from tasks.onnx_runtime import make_session, run_chunked
-from tasks.preprocess import load_image
-from tasks.variants import variant_file
+from tasks.common.data import read_json
+from tasks.common.registry import resolve_model
+from xmodal_runtime.encoder import Encoder
 
 log = logging.getLogger("xmodal")
 
@@ -60,32 +57,10 @@ class PromoteResult:
 
 
 def score_version(model_dir: Path, raw: Path, test_index: dict, variant: str, ks: list[int]):
-    """Recall@K of an exported model on a test split, through ONNX Runtime, from raw files."""
-    meta = read_json(model_dir / "meta.json")
-    pixels = (
-        np.stack([load_image(raw / rel, meta["image_size"]) for rel in test_index["paths"]])
-        .transpose(0, 3, 1, 2)
-        .astype(np.float32)
-        / 255.0
-    )
-    tok = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
-    enc = tok(
-        test_index["captions"],
-        padding="max_length",
-        truncation=True,
-        max_length=meta["max_length"],
-        return_tensors="np",
-    )
-    img = run_chunked(
-        make_session(model_dir / variant_file("image_encoder", variant), "cpu"),
-        {"pixels": pixels},
-        128,
-    )
-    txt = run_chunked(
-        make_session(model_dir / variant_file("text_encoder", variant), "cpu"),
-        {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask")},
-        128,
-    )
+    """Recall@K of an exported model on a test split through the serving runtime, from raw files."""
+    enc = Encoder(model_dir, variant, provider="cpu", chunk_size=128)
+    img = enc.encode_images([raw / rel for rel in test_index["paths"]])
+    txt = enc.encode_texts(test_index["captions"], pad_to_max_length=True)
     return retrieval_metrics(img @ txt.T, np.asarray(test_index["image_index"]), ks)
 
 

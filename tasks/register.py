@@ -1,8 +1,9 @@
 """register: log lineage, metrics and artifacts to the pipeline's MLflow run; register a version.
 
-The registered model is a pyfunc wrapping the two ONNX towers (text in, embeddings out), with the
-ONNX files and tokenizer as its artifacts. The new version gets the `candidate` alias; on an empty
-registry it also becomes `champion` (promotion gates decide later moves).
+The registered model is the serving runtime's pyfunc (texts or images in, embeddings out), logged
+with the runtime package as its code, the exported bundle as its artifact and the runtime's
+pinned requirements, so it loads without this repository. The new version gets the `candidate`
+alias; on an empty registry it also becomes `champion` (promotion gates decide later moves).
 """
 
 from __future__ import annotations
@@ -14,22 +15,31 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema, TensorSpec
 from prefect import task
 from prefect.cache_policies import NONE
 
-from tasks import stage, tracking
-from tasks.config import MlflowParams, Params, RegisterParams
-from tasks.data import read_json
-from tasks.train import CHECKPOINT
+import xmodal_runtime
+from tasks.common import stage, tracking
+from tasks.common.config import MlflowParams, Params, RegisterParams
+from tasks.common.data import read_json
+from xmodal_runtime.bundle import Bundle
+from xmodal_runtime.pyfunc import BUNDLE_ARTIFACT
 
 log = logging.getLogger("xmodal")
 
 MODEL_ARTIFACT = "dual_encoder"
-SERVING_CODE = Path(__file__).with_name("serving.py")
+RUNTIME = Path(xmodal_runtime.__file__).parent
+# The registered model's requirements: the runtime's own (pyproject's base dependencies) plus what
+# the pyfunc adds. MLflow adds itself. The CPU build of ONNX Runtime, which runs everywhere; a GPU
+# serving image installs onnxruntime-gpu of the same version instead.
+PYFUNC_EXTRAS = ("pandas",)
 
 
 @dataclass(frozen=True)
@@ -66,8 +76,11 @@ def log_dataset(raw: Path, data_version: str, name: str) -> None:
     mlflow.log_input(MetaDataset(source, name=name, digest=data_version[:36]), context="training")
 
 
-def model_card(lineage: dict, params: dict, metrics: dict, export: dict) -> str:
-    """The registered version's description: data, params, metrics, parity, export variants."""
+def model_card(lineage: dict, model_cfg: dict, params: dict, metrics: dict, export: dict) -> str:
+    """The registered version's description: data, params, metrics, parity, export variants.
+
+    `model_cfg` is the bundle's model config; `params` the training run's logged (flattened)
+    params, so the card describes what trained, whatever params.yaml says now."""
     parity = export["parity"]
     lines = [
         "# xmodal dual encoder",
@@ -76,14 +89,16 @@ def model_card(lineage: dict, params: dict, metrics: dict, export: dict) -> str:
         *(f"- {k}: `{v}`" for k, v in sorted(lineage.items())),
         "",
         "## Data and model",
-        f"- dataset source: `{params['ingest']['source']}`, "
+        f"- dataset source: `{params.get('ingest.source', '?')}`, "
         f"DVC md5 `{lineage['dvc_data_version']}`",
-        f"- image tower: `{params['model']['image']['backbone']}` "
-        f"(weights `{params['model']['image']['weights']}`)",
-        f"- text tower: `{params['model']['text']['pretrained'] or 'BERT from scratch'}`, "
-        f"pooling `{params['model']['text']['pooling']}`; embed dim {params['model']['embed_dim']}",
-        f"- epochs {params['train']['epochs']}, batch {params['train']['batch_size']}, "
-        f"lr {params['train']['lr']}, seed {params['train']['seed']}",
+        f"- image tower: `{model_cfg['image']['backbone']}` "
+        f"(weights `{model_cfg['image']['weights']}`)",
+        f"- text tower: `{model_cfg['text']['pretrained'] or 'BERT from scratch'}`, "
+        f"pooling `{model_cfg['text']['pooling']}`; embed dim {model_cfg['embed_dim']}",
+        *(
+            f"- {k.removeprefix('train.')} {params.get(k, '?')}"
+            for k in ("train.epochs", "train.batch_size", "train.lr", "train.seed")
+        ),
         "",
         "## Test retrieval (PyTorch)",
         "| metric | value |",
@@ -118,15 +133,48 @@ def model_card(lineage: dict, params: dict, metrics: dict, export: dict) -> str:
 
 
 def library_versions() -> dict[str, str]:
+    """Versions of the libraries that trained and exported the model (read from package
+    metadata: register itself imports no torch)."""
+    from importlib.metadata import version
+
     import onnxruntime
-    import torch
-    import transformers
 
     return {
-        "torch_version": torch.__version__,
-        "transformers_version": transformers.__version__,
+        "torch_version": version("torch"),
+        "transformers_version": version("transformers"),
         "onnxruntime_version": onnxruntime.__version__,
     }
+
+
+def runtime_requirements() -> list[str]:
+    """`name==version` of each base dependency of the installed xmodal distribution (the
+    runtime's), and of the pyfunc's extras, as installed here."""
+    from importlib.metadata import requires, version
+
+    from packaging.requirements import Requirement
+
+    names = [
+        Requirement(r).name
+        for r in requires("xmodal") or []
+        if Requirement(r).marker is None or Requirement(r).marker.evaluate({"extra": ""})
+    ]
+    pins = []
+    for name in [*names, *PYFUNC_EXTRAS]:
+        if name in ("onnxruntime", "onnxruntime-gpu"):
+            import onnxruntime
+
+            pins.append(f"onnxruntime=={onnxruntime.__version__}")
+        else:
+            pins.append(f"{name}=={version(name)}")
+    return sorted(set(pins))
+
+
+def signature(embed_dim: int) -> ModelSignature:
+    """Rows carry a `text` or an `image` (base64 bytes); out come (N, D) float32 embeddings."""
+    inputs = Schema(
+        [ColSpec("string", "text", required=False), ColSpec("string", "image", required=False)]
+    )
+    return ModelSignature(inputs, Schema([TensorSpec(np.dtype("float32"), (-1, embed_dim))]))
 
 
 def prefect_flow_run_id() -> str:
@@ -150,15 +198,17 @@ def register(
     root: Path,
     lineage: dict[str, str],
     raw: Path,
-    all_params: dict,
 ) -> RegisterResult:
     """Log artifacts and lineage to the training run and register the exported model."""
     metrics = read_json(metrics_json)["test"]
+    bundle = Bundle.open(onnx_dir)
     export_report = read_json(export_json)
     parity = export_report["parity"]
     with tracking.resume_run(mlflow_p, root, train_dir / tracking.RUN_FILE) as run:
         mlflow.set_tags({**lineage, "parity_passed": str(parity["passed"]).lower()})
-        log_dataset(raw, lineage["dvc_data_version"], f"xmodal-{all_params['ingest']['source']}")
+        trained_with = mlflow.get_run(run.info.run_id).data.params  # what train logged
+        source = trained_with.get("ingest.source", "dataset")
+        log_dataset(raw, lineage["dvc_data_version"], f"xmodal-{source}")
         mlflow.log_metrics({f"test/{k}": v for k, v in metrics.items()})
         for name, v in export_report.get("variants", {}).items():
             if v.get("available", True):
@@ -180,14 +230,16 @@ def register(
                 "export/parity_passed": float(parity["passed"]),
             }
         )
-        mlflow.log_artifact(str(train_dir / CHECKPOINT), artifact_path="checkpoint")
+        mlflow.log_artifacts(str(train_dir), artifact_path="checkpoint")  # weights + run.json
         mlflow.log_artifact(str(export_json), artifact_path="reports")
         info = mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT,
-            python_model=str(SERVING_CODE),
-            artifacts={"onnx": str(onnx_dir)},
+            python_model=str(RUNTIME / "mlflow_model.py"),
+            code_paths=[str(RUNTIME)],
+            artifacts={BUNDLE_ARTIFACT: str(onnx_dir)},
+            signature=signature(bundle.meta.embed_dim),
             input_example=pd.DataFrame({"text": ["a large red circle on the left"]}),
-            pip_requirements=["onnxruntime", "transformers", "numpy", "pandas"],
+            pip_requirements=runtime_requirements(),
         )
         run_id, experiment_id = run.info.run_id, run.info.experiment_id
     client = MlflowClient()
@@ -201,7 +253,9 @@ def register(
         info.model_uri,
         run_id=run_id,
         tags={**lineage, "parity_passed": str(parity["passed"]).lower()},
-        description=model_card(lineage, all_params, metrics, export_report),
+        description=model_card(
+            lineage, bundle.meta.model_config, trained_with, metrics, export_report
+        ),
         # A tracking server refuses a `models:/m-...` source unless its model id is named too.
         model_id=info.model_id,
     )
@@ -231,7 +285,8 @@ def run(params: Params, root: Path) -> RegisterResult:
     lineage = {
         **tracking.git_state(root),
         "dvc_data_version": dvc_data_version(root, paths.raw),
-        "params_hash": params.digest(),
+        # The training params hash, as train stored it in the checkpoint and export in meta.json.
+        "params_hash": Bundle.open(root / paths.onnx).meta.params_hash or "unknown",
         "prefect_flow_run_id": prefect_flow_run_id(),
         **library_versions(),
     }
@@ -246,7 +301,6 @@ def run(params: Params, root: Path) -> RegisterResult:
         root,
         lineage,
         root / paths.raw,
-        params.model_dump(mode="json"),
     )
 
 

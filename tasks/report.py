@@ -15,8 +15,8 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NONE
 
-from tasks.config import DEFAULT_PARAMS, load_params
-from tasks.tracking import tracking_uri
+from tasks.common.config import DEFAULT_PARAMS, load_params
+from tasks.common.tracking import tracking_uri
 
 
 def markdown_report(root: Path) -> tuple[str, list[dict]]:

@@ -22,13 +22,14 @@ from prefect import task
 from prefect.cache_policies import NONE
 from transformers import get_cosine_schedule_with_warmup
 
-from model import ClipLoss, DualEncoder, LossWeighting, ModelConfig, itm_loss, retrieval_metrics
-from tasks import optim, stage, tracking
-from tasks.augment import augment
-from tasks.config import MlflowParams, Params, TrainParams
-from tasks.data import embed_split, load_split, read_json, to_pixels
-
-CHECKPOINT = "checkpoint.pt"
+from model.config import ModelConfig
+from model.loss import ClipLoss, LossWeighting, itm_loss
+from model.metrics import retrieval_metrics
+from tasks.common import optim, stage, tracking
+from tasks.common.augment import augment
+from tasks.common.checkpoint import CHECKPOINT, build_model
+from tasks.common.config import MlflowParams, Params, TrainParams
+from tasks.common.data import embed_split, load_split, to_pixels
 
 
 @dataclass(frozen=True)
@@ -57,26 +58,6 @@ def autocast_settings(amp: str, device: torch.device) -> tuple[torch.dtype | Non
             return torch.bfloat16, False
         return torch.float16, True  # fp16 needs loss scaling
     return (torch.bfloat16, False) if amp == "bf16" else (None, False)
-
-
-def build_model(cfg: ModelConfig, prepared: Path) -> DualEncoder:
-    """The configured model, completed with what preprocess decided (vocabulary, pixel stats)."""
-    meta = read_json(prepared / "meta.json")
-    if cfg.text.pretrained is None:
-        if cfg.text.vocab_size not in (None, meta["vocab_size"]):
-            raise ValueError(
-                f"model.text.vocab_size ({cfg.text.vocab_size}) does not match the tokenizer "
-                f"({meta['vocab_size']}); leave it unset, preprocess decides it"
-            )
-        text = cfg.text.model_copy(
-            update={
-                "vocab_size": meta["vocab_size"],
-                "max_positions": max(cfg.text.max_positions, meta["max_length"]),
-            }
-        )
-        cfg = cfg.model_copy(update={"text": text})
-    stats = read_json(prepared / "stats.json")
-    return DualEncoder(cfg, pixel_stats=(stats["mean"], stats["std"]))
 
 
 def train(
@@ -270,19 +251,9 @@ def run(params: Params, root: Path) -> TrainResult:
         root / paths.train_history,
         params.mlflow,
         root,
-        params.digest(),
+        params.params_hash(),
         params.model_dump(mode="json"),
     )
-
-
-def load_checkpoint(train_dir: Path) -> tuple[DualEncoder, dict]:
-    path = Path(train_dir) / CHECKPOINT
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}: run the train stage first")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    net = DualEncoder.from_checkpoint(ckpt)
-    net.eval()
-    return net, ckpt
 
 
 # Never retried: a failed training run is not an I/O hiccup.

@@ -66,7 +66,7 @@ def make_repo(repo: Path, params: dict | None = None) -> Path:
     import shutil
     import subprocess
 
-    for d in ("tasks", "model", "flows"):
+    for d in ("xmodal_runtime", "model", "tasks", "flows"):
         shutil.copytree(ROOT / d, repo / d, ignore=shutil.ignore_patterns("__pycache__"))
     for f in (
         "dvc.yaml",
@@ -102,7 +102,7 @@ def tiny_params_dict(**sections) -> dict:
 
 @pytest.fixture
 def tiny_params():
-    from tasks.config import validate
+    from tasks.common.config import validate
 
     return validate(tiny_params_dict())
 

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.config import (
+from tasks.common.config import (
     ConfigError,
     Params,
     apply_overrides,
@@ -79,10 +79,19 @@ def test_persist_overrides_keeps_comments_and_validates(tmp_path: Path):
     assert load_params(path).train.epochs == 3  # a rejected override writes nothing
 
 
-def test_digest_changes_with_any_setting():
+def test_params_hash_covers_exactly_the_training_sections():
     a = validate({})
-    assert a.digest() == validate({}).digest()
-    assert a.digest() != validate({"train": {"seed": 1}}).digest()
+    assert a.params_hash() == validate({}).params_hash()
+    for changed in (
+        {"train": {"seed": 1}},
+        {"model": {"embed_dim": 64}},
+        {"preprocess": {"max_length": 16}},
+        {"ingest": {"num_images": 10}},
+    ):
+        assert a.params_hash() != validate(changed).params_hash(), changed
+    # Settings after training do not change the model, so they do not change its hash.
+    for same in ({"evaluate": {"ks": [1, 2]}}, {"export": {"opset": 19}}, {"infer": {"top_k": 2}}):
+        assert a.params_hash() == validate(same).params_hash(), same
 
 
 def _keys(d: dict, prefix: str = "") -> set[str]:

@@ -44,7 +44,7 @@ def _sh(repo: Path, *args: str, timeout: int = 900, with_stderr: bool = False) -
 
 def _xmodal(repo: Path, *args: str) -> str:
     return _sh(
-        repo, sys.executable, "-m", "tasks.cli", "run", "--root", str(repo), *args, with_stderr=True
+        repo, sys.executable, "-m", "cli", "run", "--root", str(repo), *args, with_stderr=True
     )
 
 
@@ -158,7 +158,7 @@ def test_infer_cli_from_the_registry_alias(repo: Path, first_run: str, tmp_path:
         repo,
         sys.executable,
         "-m",
-        "tasks.cli",
+        "cli",
         "infer",
         "--model",
         f"models:/{MODEL}@champion",

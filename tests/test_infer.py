@@ -11,12 +11,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tasks.config import ExportParams, InferParams, IngestParams, PreprocessParams
+from tasks.common.checkpoint import CHECKPOINT, build_model
+from tasks.common.config import ExportParams, InferParams, IngestParams, PreprocessParams
+from tasks.common.registry import resolve_model
 from tasks.export import check_parity, export
-from tasks.infer import TopK, infer, resolve_model
+from tasks.infer import infer
 from tasks.ingest import ingest
 from tasks.preprocess import preprocess
-from tasks.train import CHECKPOINT, build_model
+from xmodal_runtime.bundle import BundleError
+from xmodal_runtime.retrieval import TopK
 
 from .conftest import tiny_params_dict
 
@@ -34,7 +37,7 @@ def test_topk_streaming_matches_brute_force():
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> Path:
-    from tasks.config import validate
+    from tasks.common.config import validate
 
     root = tmp_path_factory.mktemp("export")
     params = validate(tiny_params_dict())
@@ -68,7 +71,7 @@ def test_export_parity_on_random_inputs(exported: Path):
 
 def test_parity_check_can_fail(exported: Path):
     # A model that differs from the exported one must not pass.
-    from tasks.train import load_checkpoint
+    from tasks.common.checkpoint import load_checkpoint
 
     net, _ = load_checkpoint(exported / "train")
     with torch.no_grad():
@@ -109,7 +112,12 @@ def test_infer_skips_unreadable_images_and_writes_everything(exported: Path, tmp
 
 
 def test_resolve_model_rejects_incomplete_folders(tmp_path: Path):
-    with pytest.raises(FileNotFoundError, match="meta.json"):
+    with pytest.raises(BundleError, match="meta.json"):
+        resolve_model(str(tmp_path))
+    (tmp_path / "meta.json").write_text(
+        '{"image_size": 32, "max_length": 8, "embed_dim": 4, "opset": 18}'
+    )
+    with pytest.raises(BundleError, match="image_encoder.onnx"):
         resolve_model(str(tmp_path))
 
 
@@ -189,9 +197,9 @@ def _fp32_convs(model: Path) -> list[bool]:
 
 
 def test_int8_mixed_precision_stops_at_the_first_k_reaching_the_target(exported, tmp_path):
-    from tasks.config import Int8Params
-    from tasks.data import load_split, to_pixels
-    from tasks.variants import build_int8
+    from tasks.common.config import Int8Params
+    from tasks.common.data import load_split, to_pixels
+    from tasks.common.variants import build_int8
 
     onnx_dir = tmp_path / "onnx"
     shutil.copytree(exported / "onnx", onnx_dir)

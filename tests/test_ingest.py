@@ -4,8 +4,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tasks.config import CocoSource, CsvSource, IngestParams
-from tasks.ingest import DatasetError, ingest, read_manifest
+from tasks.common.config import CocoSource, CsvSource, IngestParams
+from tasks.common.dataset import DatasetError, read_manifest
+from tasks.ingest import ingest
 
 
 def _params(**kw) -> IngestParams:

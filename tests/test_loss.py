@@ -3,7 +3,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from model import ClipLoss
+from model.loss import ClipLoss
 
 
 def _hand_loss(img, txt, scale):

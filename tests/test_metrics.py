@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from model import retrieval_metrics
+from model.metrics import retrieval_metrics
 
 
 def test_perfect_similarity_gives_recall_one():

@@ -4,10 +4,11 @@ import pytest
 import torch
 import torchvision
 
-from model import ClipLoss, DualEncoder, ModelConfig
-from model.config import ImageTowerConfig, TextTowerConfig
-from tasks.config import TrainParams
-from tasks.optim import param_groups
+from model.config import ImageTowerConfig, ModelConfig, TextTowerConfig
+from model.dual_encoder import DualEncoder
+from model.loss import ClipLoss
+from tasks.common.config import TrainParams
+from tasks.common.optim import param_groups
 from tasks.train import autocast_settings
 
 TEXT = TextTowerConfig(

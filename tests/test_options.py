@@ -8,11 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import DualEncoder, LossWeighting, ModelConfig, hard_negatives, itm_loss
-from model.config import FusionConfig, MultiScaleConfig, TextTowerConfig
-from tasks.augment import augment
-from tasks.config import AugmentParams, TemperatureParams, TrainParams
-from tasks.optim import (
+from model.config import FusionConfig, ModelConfig, MultiScaleConfig, TextTowerConfig
+from model.dual_encoder import DualEncoder
+from model.loss import LossWeighting, hard_negatives, itm_loss
+from tasks.common.augment import augment
+from tasks.common.config import AugmentParams, TemperatureParams, TrainParams
+from tasks.common.optim import (
     freeze,
     keep_frozen_eval,
     param_groups,
@@ -206,8 +207,8 @@ def test_seed_preset_builds_and_trains_one_step_without_weights():
     """ResNet-50 + BERT-base at the preset's sizes; weights `none` since there is no hub here."""
     from pathlib import Path
 
-    from model import ClipLoss
-    from tasks.config import load_params
+    from model.loss import ClipLoss
+    from tasks.common.config import load_params
 
     root = Path(__file__).resolve().parents[1]
     p = load_params(

@@ -4,9 +4,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.config import IngestParams, PreprocessParams
-from tasks.data import load_split
-from tasks.ingest import DatasetError, ingest
+from tasks.common.config import IngestParams, PreprocessParams
+from tasks.common.data import load_split
+from tasks.common.dataset import DatasetError
+from tasks.ingest import ingest
 from tasks.preprocess import preprocess, split_ids
 
 

@@ -13,13 +13,13 @@ from mlflow import MlflowClient
 
 from tasks import promote as promote_mod
 from tasks import register as register_mod
-from tasks.config import validate
+from tasks.common.checkpoint import CHECKPOINT, build_model
+from tasks.common.config import validate
 from tasks.evaluate import evaluate
 from tasks.export import export
 from tasks.ingest import ingest
 from tasks.preprocess import preprocess
 from tasks.promote import Gate, gates, promote, rollback
-from tasks.train import CHECKPOINT, build_model
 
 from .conftest import tiny_params_dict
 
@@ -28,7 +28,7 @@ NAME = "xmodal-dual-encoder"
 
 
 def test_gates_against_hand_figures():
-    from tasks.config import PromoteParams
+    from tasks.common.config import PromoteParams
 
     champ = {"i2t_R1": 0.5, "t2i_R1": 0.5, "i2t_R5": 0.9, "t2i_R5": 0.9}
     better = {"i2t_R1": 0.6, "t2i_R1": 0.5, "i2t_R5": 0.89, "t2i_R5": 0.95}

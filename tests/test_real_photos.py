@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from tasks import evaluate, export, infer, ingest, preprocess, train
-from tasks.config import validate
+from tasks.common.config import validate
 
 from .conftest import tiny_params_dict
 

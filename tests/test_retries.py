@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from prefect import flow, task
 
-from tasks import stage
+from tasks.common import stage
 
 
 def test_io_tasks_retry_only_transient_errors_and_train_never_retries():

@@ -19,16 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.postgres import remove_cluster
-from tasks.services import (
-    ServiceError,
-    Services,
-    free_port,
-    require_postgres_binaries,
-    start,
-    status,
-    stop,
-)
+from services.base import ServiceError, Services, free_port, require_postgres_binaries
+from services.manager import start, status, stop
+from services.postgres import remove_cluster
 
 from .conftest import make_repo
 

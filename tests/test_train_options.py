@@ -9,7 +9,7 @@ import mlflow
 import pytest
 
 from tasks import evaluate, ingest, preprocess, train
-from tasks.config import validate
+from tasks.common.config import validate
 
 from .conftest import tiny_params_dict
 

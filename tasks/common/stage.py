@@ -18,7 +18,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from tasks.config import DEFAULT_PARAMS, Params, load_params
+from tasks.common.config import DEFAULT_PARAMS, Params, load_params
 
 log = logging.getLogger("xmodal")
 
@@ -142,10 +142,10 @@ def configure(root: Path | str = ".", overrides: list[str] | None = None) -> str
     path = Path(root).resolve() / DEFAULT_PARAMS
     params = load_params(path, overrides)
     if overrides:
-        from tasks.config import persist_overrides
+        from tasks.common.config import persist_overrides
 
         persist_overrides(path, overrides)
-    return params.digest()
+    return params.params_hash()
 
 
 def progress(iterable=None, **kwargs) -> tqdm:

@@ -13,7 +13,7 @@ from typing import Any
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from tasks.config import MlflowParams
+from tasks.common.config import MlflowParams
 
 RUN_FILE = "run.json"
 

@@ -225,6 +225,10 @@ class InferParams(_Section):
 warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
 
 
+# The params that decide the trained weights: the sections that ingest, preprocess and train read.
+TRAINING_SECTIONS = ("ingest", "preprocess", "model", "train")
+
+
 class Params(_Section):
     paths: PathsParams = PathsParams()
     ingest: IngestParams = IngestParams()
@@ -238,9 +242,15 @@ class Params(_Section):
     promote: PromoteParams = PromoteParams()
     infer: InferParams = InferParams()
 
-    def digest(self) -> str:
-        """sha256 of the canonical JSON of every setting: the params hash recorded in lineage."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+    def params_hash(self) -> str:
+        """The params hash: sha256 of the canonical JSON of the sections that decide the trained
+        weights (TRAINING_SECTIONS). Train stores it in the checkpoint, export copies it into
+        meta.json, and register tags the version with that stored value, so all three agree; a
+        change to evaluate, export or register settings leaves it unchanged."""
+        blob = json.dumps(
+            {k: getattr(self, k).model_dump(mode="json") for k in TRAINING_SECTIONS},
+            sort_keys=True,
+        ).encode()
         return hashlib.sha256(blob).hexdigest()
 
 

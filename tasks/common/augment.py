@@ -10,7 +10,7 @@ import torch
 import torchvision.transforms.functional as TF
 from torchvision.transforms import RandomResizedCrop
 
-from tasks.config import AugmentParams
+from tasks.common.config import AugmentParams
 
 
 def augment(pixels: torch.Tensor, p: AugmentParams) -> torch.Tensor:

@@ -26,16 +26,13 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from tasks.config import Int8Params
+from tasks.common.config import Int8Params
+from tasks.common.data import Split
+from xmodal_runtime.bundle import IMAGE_INPUT, TEXT_INPUTS, TOWERS, tower_file
+from xmodal_runtime.images import to_pixels
+from xmodal_runtime.session import make_session, run_chunked
 
 log = logging.getLogger("xmodal")
-
-TOWERS = ("image_encoder", "text_encoder")
-
-
-def variant_file(tower: str, variant: str) -> str:
-    """image_encoder.onnx for fp32, image_encoder.int8.onnx for int8, and so on."""
-    return f"{tower}.onnx" if variant == "fp32" else f"{tower}.{variant}.onnx"
 
 
 class Calibration(CalibrationDataReader):
@@ -43,7 +40,7 @@ class Calibration(CalibrationDataReader):
 
     def __init__(self, pixels: np.ndarray, batch: int = 32) -> None:
         self._batches = iter(
-            [{"pixels": pixels[i : i + batch]} for i in range(0, len(pixels), batch)]
+            [{IMAGE_INPUT: pixels[i : i + batch]} for i in range(0, len(pixels), batch)]
         )
 
     def get_next(self):
@@ -125,12 +122,12 @@ def build_int8(
     `p.max_fp32_convs` reaches the target, the best k found is kept and a warning is logged.
     """
     fp32_image = onnx_dir / "image_encoder.onnx"
-    target = onnx_dir / variant_file("image_encoder", "int8")
+    target = onnx_dir / tower_file("image_encoder", "int8")
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         quantize_text(
             preprocessed(onnx_dir / "text_encoder.onnx", tmp),
-            onnx_dir / variant_file("text_encoder", "int8"),
+            onnx_dir / tower_file("text_encoder", "int8"),
         )
         src, cache = preprocessed(fp32_image, tmp), tmp / "calibration.json"
         convs = conv_nodes(src)
@@ -167,9 +164,7 @@ def build_int8(
 
 def embed_images(model: Path, pixels: np.ndarray, chunk: int = 128) -> np.ndarray:
     """(N, D) embeddings of float pixels through an image tower on the CPU."""
-    from tasks.onnx_runtime import make_session, run_chunked
-
-    return run_chunked(make_session(model, "cpu"), {"pixels": pixels}, chunk)
+    return run_chunked(make_session(model, "cpu"), {IMAGE_INPUT: pixels}, chunk)
 
 
 def build_fp16(onnx_dir: Path) -> None:
@@ -178,32 +173,16 @@ def build_fp16(onnx_dir: Path) -> None:
     for tower in TOWERS:
         model = onnx.load(str(onnx_dir / f"{tower}.onnx"))
         half = convert_float_to_float16(model, keep_io_types=True)
-        onnx.save(half, str(onnx_dir / variant_file(tower, "fp16")))
+        onnx.save(half, str(onnx_dir / tower_file(tower, "fp16")))
 
 
 def file_sizes(onnx_dir: Path, variant: str) -> dict[str, int]:
-    return {t: (onnx_dir / variant_file(t, variant)).stat().st_size for t in TOWERS}
+    return {t: (onnx_dir / tower_file(t, variant)).stat().st_size for t in TOWERS}
 
 
-def embed_with_onnx(onnx_dir: Path, variant: str, split, chunk: int = 128):
+def embed_with_onnx(onnx_dir: Path, variant: str, split: Split, chunk: int = 128):
     """(image embeddings, caption embeddings) of a prepared split through ONNX Runtime."""
-    from tasks.data import to_pixels
-    from tasks.onnx_runtime import make_session, run_chunked
-
-    img = embed_images(
-        onnx_dir / variant_file("image_encoder", variant), to_pixels(split.images).numpy(), chunk
-    )
-    txt_sess = make_session(onnx_dir / variant_file("text_encoder", variant), "cpu")
-    txt = run_chunked(
-        txt_sess, {"input_ids": split.input_ids, "attention_mask": split.attention_mask}, chunk
-    )
-    return img, txt
-
-
-def onnx_retrieval(onnx_dir: Path, variant: str, split, ks: list[int]) -> dict[str, float]:
-    """Recall@K and ranks of one exported variant, computed through ONNX Runtime."""
-    from model import retrieval_metrics
-
-    img, txt = embed_with_onnx(onnx_dir, variant, split)
-    m = retrieval_metrics(img @ txt.T, split.image_index, ks)
-    return {k: round(v, 6) for k, v in m.items()}
+    img = embed_images(onnx_dir / tower_file("image_encoder", variant), to_pixels(split.images))
+    txt_sess = make_session(onnx_dir / tower_file("text_encoder", variant), "cpu")
+    feeds = dict(zip(TEXT_INPUTS, (split.input_ids, split.attention_mask), strict=True))
+    return img, run_chunked(txt_sess, feeds, chunk)

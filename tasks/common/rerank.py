@@ -7,8 +7,9 @@ import time
 import numpy as np
 import torch
 
-from model import DualEncoder, retrieval_metrics
-from tasks.data import Split, to_pixels
+from model.dual_encoder import DualEncoder
+from model.metrics import retrieval_metrics
+from tasks.common.data import Split, to_pixels
 
 
 @torch.no_grad()

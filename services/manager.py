@@ -15,115 +15,27 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-HOST = "127.0.0.1"
-WORK_POOL = "xmodal-process"
-DEPLOYMENTS = ("training-pipeline/default", "batch-inference/default")
-# Start order; stop runs it backwards so the worker goes before the server it polls.
-ORDER = ("postgres", "prefect-server", "mlflow-server", "prefect-worker")
-
-
-class ServiceError(RuntimeError):
-    """A service could not start, or its health check never passed."""
-
-
-@dataclass(frozen=True)
-class Services:
-    """Where the services listen and keep their state."""
-
-    root: Path
-    state: Path
-    prefect_port: int = 4200
-    mlflow_port: int = 5000
-    backend: str = "sqlite"  # sqlite | postgres
-    postgres_port: int = 5432
-    timeout: float = 180.0
-    extra_env: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def prefect_api(self) -> str:
-        return f"http://{HOST}:{self.prefect_port}/api"
-
-    @property
-    def mlflow_uri(self) -> str:
-        return f"http://{HOST}:{self.mlflow_port}"
-
-    @property
-    def prefect_home(self) -> Path:
-        return self.state / "prefect"
-
-    def pid_file(self, name: str) -> Path:
-        return self.state / "pids" / f"{name}.pid"
-
-    def log_file(self, name: str) -> Path:
-        return self.state / "logs" / f"{name}.log"
-
-    def postgres_url(self, database: str, driver: str) -> str:
-        return f"postgresql+{driver}://xmodal@{HOST}:{self.postgres_port}/{database}"
-
-    def client_env(self) -> dict[str, str]:
-        """What `prefect`/`mlflow` clients and the worker's flow runs need to reach the servers."""
-        return {
-            "XMODAL_ROOT": str(self.root),  # prefect.yaml's pull step: where flow runs start
-            "PREFECT_API_URL": self.prefect_api,
-            "PREFECT_HOME": str(self.prefect_home),
-            "MLFLOW_TRACKING_URI": self.mlflow_uri,
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "DO_NOT_TRACK": "1",
-        }
-
-
-# ----------------------------------------------------------------------------- processes
-
-
-def _bin(name: str) -> str:
-    """A console script from this interpreter's environment (the project venv)."""
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
-
-
-def port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((HOST, port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port() -> int:
-    """A port the kernel says is free now (for tests)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def read_pid(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+from services import postgres
+from services.base import (
+    DEPLOYMENTS,
+    HOST,
+    ORDER,
+    WORK_POOL,
+    ServiceError,
+    Services,
+    alive,
+    port_free,
+    read_pid,
+    venv_bin,
+)
 
 
 def _spawn(
@@ -233,7 +145,7 @@ def start_prefect_server(s: Services) -> None:
     }
     if s.backend == "postgres":
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = s.postgres_url("prefect", "asyncpg")
-    cmd = [_bin("prefect"), "server", "start", "--host", HOST, "--port", str(s.prefect_port)]
+    cmd = [venv_bin("prefect"), "server", "start", "--host", HOST, "--port", str(s.prefect_port)]
     # A PREFECT_API_URL from the caller's shell would make the server a client of another API.
     proc = _spawn(s, "prefect-server", cmd, env, unset=("PREFECT_API_URL",))
     _wait(s, "prefect-server", proc, lambda: _http_ok(f"{s.prefect_api}/health"))
@@ -248,7 +160,7 @@ def start_mlflow_server(s: Services) -> None:
         else f"sqlite:///{(store / 'mlflow.db').resolve()}"
     )
     cmd = [
-        _bin("mlflow"),
+        venv_bin("mlflow"),
         "server",
         "--host",
         HOST,
@@ -268,7 +180,7 @@ def start_mlflow_server(s: Services) -> None:
 def deploy(s: Services) -> None:
     """Create the process work pool and the deployments in prefect.yaml."""
     env = {**s.client_env(), **s.extra_env}
-    prefect = _bin("prefect")
+    prefect = venv_bin("prefect")
     _run(s, "deploy", [prefect, "work-pool", "create", WORK_POOL, "--type", "process",
                        "--overwrite"], env)  # fmt: skip
     _run(s, "deploy", [prefect, "--no-prompt", "deploy", "--all"], env)
@@ -285,7 +197,7 @@ def _worker_online(s: Services) -> bool:
 def start_worker(s: Services) -> None:
     # The flow runs the worker starts inherit this environment: MLflow goes to the server.
     env = {**s.client_env(), **s.extra_env}
-    cmd = [_bin("prefect"), "worker", "start", "--pool", WORK_POOL, "--type", "process"]
+    cmd = [venv_bin("prefect"), "worker", "start", "--pool", WORK_POOL, "--type", "process"]
     proc = _spawn(s, "prefect-worker", cmd, env)
     _wait(s, "prefect-worker", proc, lambda: _worker_online(s))
 
@@ -301,9 +213,7 @@ def start(s: Services, echo: Callable[[str], None] = print) -> None:
         ("prefect-worker", start_worker),
     ]
     if s.backend == "postgres":
-        from tasks.postgres import start_postgres
-
-        steps.insert(0, ("postgres", start_postgres))
+        steps.insert(0, ("postgres", postgres.start_postgres))
     try:
         for name, step in steps:
             t0 = time.monotonic()
@@ -329,9 +239,7 @@ def stop(s: Services, echo: Callable[[str], None] = print, grace: float = 15.0) 
     stopped = []
     for name in reversed(ORDER):
         if name == "postgres":
-            from tasks.postgres import stop_postgres
-
-            if stop_postgres(s):
+            if postgres.stop_postgres(s):
                 stopped.append(name)
                 echo("postgres: stopped")
             continue
@@ -376,16 +284,3 @@ def status(s: Services) -> dict[str, str]:
         if pid is not None:
             out[name] = f"running (pid {pid})" if alive(pid) else f"dead (stale pid {pid})"
     return out
-
-
-def require_postgres_binaries() -> Path:
-    """The directory holding initdb/pg_ctl, or a ServiceError saying how to install them."""
-    for candidate in [shutil.which("pg_ctl")] + sorted(
-        str(p) for p in Path("/usr/lib/postgresql").glob("*/bin/pg_ctl")
-    ):
-        if candidate and Path(candidate).exists():
-            return Path(candidate).resolve().parent
-    raise ServiceError(
-        "PostgreSQL binaries (initdb, pg_ctl) not found; install Debian's package: "
-        "`apt-get install -y postgresql`"
-    )

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tasks.services import HOST, ServiceError, Services, require_postgres_binaries
+from services.base import HOST, ServiceError, Services, require_postgres_binaries
 
 ROLE = "xmodal"
 DATABASES = ("prefect", "mlflow")

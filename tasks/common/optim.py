@@ -8,8 +8,8 @@ import math
 import torch
 from torch import nn
 
-from model import DualEncoder
-from tasks.config import TemperatureParams, TrainParams
+from model.dual_encoder import DualEncoder
+from tasks.common.config import TemperatureParams, TrainParams
 
 
 def _blocks(net: DualEncoder, tower: str) -> list[nn.Module]:

@@ -12,6 +12,7 @@ log = logging.getLogger("xmodal")
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
+PROVIDERS = ("auto", "cpu", "cuda")
 _WARNING, _FATAL = 2, 4
 
 
@@ -32,22 +33,21 @@ def make_session(
     onnxruntime-gpu lists CUDAExecutionProvider even without libcuda; the only reliable test is to
     create a session and see which providers it kept. The probe runs with logging silenced.
     """
+    if provider not in PROVIDERS:
+        raise ValueError(f"provider must be one of {PROVIDERS}, not {provider!r}")
     path = str(path)
     if provider in ("auto", "cuda") and CUDA in ort.get_available_providers():
-        previous = _WARNING
         ort.set_default_logger_severity(_FATAL)
         try:
             sess = ort.InferenceSession(path, _options(threads, _FATAL), providers=[CUDA, CPU])
         except Exception:  # noqa: BLE001 - any failure to initialise CUDA means "use the CPU"
             sess = None
         finally:
-            ort.set_default_logger_severity(previous)
+            ort.set_default_logger_severity(_WARNING)
         if sess is not None and sess.get_providers()[0] == CUDA:
             return sess
         if provider == "cuda":
-            raise RuntimeError(
-                "infer.provider is 'cuda' but CUDAExecutionProvider did not initialise"
-            )
+            raise RuntimeError("provider is 'cuda' but CUDAExecutionProvider did not initialise")
         log.info("ONNX Runtime: CUDA unavailable, using the CPU")
     return ort.InferenceSession(path, _options(threads, _WARNING), providers=[CPU])
 
@@ -55,13 +55,17 @@ def make_session(
 def run_chunked(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], chunk: int) -> np.ndarray:
     """Run a session over the first axis of the feeds in chunks; concatenate the first output."""
     n = next(iter(feeds.values())).shape[0]
-    outs = [
-        sess.run(None, {k: v[i : i + chunk] for k, v in feeds.items()})[0]
-        for i in range(0, n, chunk)
-    ]
-    return (
-        np.concatenate(outs) if outs else np.zeros((0, sess.get_outputs()[0].shape[-1]), np.float32)
-    )
+    if len(feeds) == 1:
+        (name, array), = feeds.items()  # fmt: skip
+        outs = [run_bound(sess, name, array[i : i + chunk]) for i in range(0, n, chunk)]
+    else:
+        outs = [
+            sess.run(None, {k: v[i : i + chunk] for k, v in feeds.items()})[0]
+            for i in range(0, n, chunk)
+        ]
+    if outs:
+        return np.concatenate(outs)
+    return np.zeros((0, sess.get_outputs()[0].shape[-1]), np.float32)
 
 
 def run_bound(sess: ort.InferenceSession, name: str, array: np.ndarray) -> np.ndarray:

@@ -1,0 +1,124 @@
+"""What every service module shares: addresses, state layout, process helpers.
+
+Kept apart from the manager and the PostgreSQL module so that neither imports the other.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HOST = "127.0.0.1"
+WORK_POOL = "xmodal-process"
+DEPLOYMENTS = ("training-pipeline/default", "batch-inference/default")
+# Start order; stop runs it backwards so the worker goes before the server it polls.
+ORDER = ("postgres", "prefect-server", "mlflow-server", "prefect-worker")
+
+
+class ServiceError(RuntimeError):
+    """A service could not start, or its health check never passed."""
+
+
+@dataclass(frozen=True)
+class Services:
+    """Where the services listen and keep their state."""
+
+    root: Path
+    state: Path
+    prefect_port: int = 4200
+    mlflow_port: int = 5000
+    backend: str = "sqlite"  # sqlite | postgres
+    postgres_port: int = 5432
+    timeout: float = 180.0
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def prefect_api(self) -> str:
+        return f"http://{HOST}:{self.prefect_port}/api"
+
+    @property
+    def mlflow_uri(self) -> str:
+        return f"http://{HOST}:{self.mlflow_port}"
+
+    @property
+    def prefect_home(self) -> Path:
+        return self.state / "prefect"
+
+    def pid_file(self, name: str) -> Path:
+        return self.state / "pids" / f"{name}.pid"
+
+    def log_file(self, name: str) -> Path:
+        return self.state / "logs" / f"{name}.log"
+
+    def postgres_url(self, database: str, driver: str) -> str:
+        return f"postgresql+{driver}://xmodal@{HOST}:{self.postgres_port}/{database}"
+
+    def client_env(self) -> dict[str, str]:
+        """What `prefect`/`mlflow` clients and the worker's flow runs need to reach the servers."""
+        return {
+            "XMODAL_ROOT": str(self.root),  # prefect.yaml's pull step: where flow runs start
+            "PREFECT_API_URL": self.prefect_api,
+            "PREFECT_HOME": str(self.prefect_home),
+            "MLFLOW_TRACKING_URI": self.mlflow_uri,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "DO_NOT_TRACK": "1",
+        }
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def venv_bin(name: str) -> str:
+    """A console script from this interpreter's environment (the project venv)."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """A port the kernel says is free now (for tests)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def require_postgres_binaries() -> Path:
+    """The directory holding initdb/pg_ctl, or a ServiceError saying how to install them."""
+    for candidate in [shutil.which("pg_ctl")] + sorted(
+        str(p) for p in Path("/usr/lib/postgresql").glob("*/bin/pg_ctl")
+    ):
+        if candidate and Path(candidate).exists():
+            return Path(candidate).resolve().parent
+    raise ServiceError(
+        "PostgreSQL binaries (initdb, pg_ctl) not found; install Debian's package: "
+        "`apt-get install -y postgresql`"
+    )

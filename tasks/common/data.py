@@ -1,0 +1,99 @@
+"""The prepared dataset written by preprocess: its layout, readers, and chunked embedding.
+
+Layout (one folder, versioned by DVC):
+  {train,val,test}/images_000.npy ...  uint8 (N, S, S, 3), decoded once; no JPEG work in training
+  {train,val,test}/captions.npz        input_ids, attention_mask (C, L), image_index (C,)
+  {train,val,test}/index.json          image ids, paths and caption texts of the split
+  tokenizer/                           the text tower's tokenizer
+  stats.json                           per-channel mean/std of the training images, in [0, 1]
+  meta.json                            image size, max length, vocabulary size, counts
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tasks.common.dataset import DatasetError
+
+SPLITS = ("train", "val", "test")
+TOKENIZER_DIR = "tokenizer"
+STATS_FILE = "stats.json"
+META_FILE = "meta.json"
+
+
+@dataclass(frozen=True)
+class Split:
+    images: np.ndarray  # (N, S, S, 3) uint8
+    input_ids: np.ndarray  # (C, L) int64
+    attention_mask: np.ndarray  # (C, L) int64
+    image_index: np.ndarray  # (C,) caption -> image row
+    image_ids: list[int]
+    paths: list[str]
+    captions: list[str]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+def load_split(prepared: Path, name: str) -> Split:
+    d = Path(prepared) / name
+    shards = sorted(d.glob("images_*.npy"))
+    if not shards:
+        raise DatasetError(f"split {name!r} is empty or missing under {prepared}")
+    caps = np.load(d / "captions.npz")
+    index = json.loads((d / "index.json").read_text())
+    return Split(
+        images=np.concatenate([np.load(s) for s in shards]),
+        input_ids=caps["input_ids"].astype(np.int64),
+        attention_mask=caps["attention_mask"].astype(np.int64),
+        image_index=caps["image_index"].astype(np.int64),
+        image_ids=index["image_ids"],
+        paths=index["paths"],
+        captions=index["captions"],
+    )
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def to_pixels(images: np.ndarray) -> torch.Tensor:
+    """(N, S, S, 3) uint8 -> (N, 3, S, S) float in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+@torch.no_grad()
+def embed_images(net, images: np.ndarray | torch.Tensor, batch: int, device="cpu") -> np.ndarray:
+    """(N, D) L2-normalised embeddings of uint8 (N, S, S, 3) images or float (N, 3, S, S) pixels."""
+    net.eval()
+    out = []
+    for i in range(0, len(images), batch):
+        chunk = images[i : i + batch]
+        pixels = to_pixels(chunk) if isinstance(chunk, np.ndarray) else chunk
+        out.append(net.encode_image(pixels.to(device)).float().cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, net.cfg.embed_dim), np.float32)
+
+
+@torch.no_grad()
+def embed_texts(net, input_ids, attention_mask, batch: int, device="cpu") -> np.ndarray:
+    """(C, D) L2-normalised embeddings of (C, L) token ids and masks (numpy or torch)."""
+    net.eval()
+    ids, mask = torch.as_tensor(input_ids), torch.as_tensor(attention_mask)
+    out = [
+        net.encode_text(ids[i : i + batch].to(device), mask[i : i + batch].to(device)).float().cpu()
+        for i in range(0, len(ids), batch)
+    ]
+    return torch.cat(out).numpy() if out else np.zeros((0, net.cfg.embed_dim), np.float32)
+
+
+def embed_split(net, split: Split, batch_size: int, device: torch.device | str = "cpu"):
+    """L2-normalised image and caption embeddings of a split: ((N, D), (C, D)) numpy arrays."""
+    return (
+        embed_images(net, split.images, batch_size, device),
+        embed_texts(net, split.input_ids, split.attention_mask, batch_size, device),
+    )
