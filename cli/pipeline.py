@@ -15,6 +15,15 @@ app = typer.Typer()
 
 @app.command()
 def run(
+    presets: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--preset",
+            "-P",
+            help="lay a preset overlay (presets/*.yaml) over params.yaml; repeatable, in order, "
+            "before -S. Persisted into params.yaml like -S, so dvc.lock records what ran",
+        ),
+    ] = None,
     overrides: Annotated[
         list[str] | None,
         typer.Option("--set", "-S", help="override a param by dotted key, e.g. -S train.epochs=2"),
@@ -28,14 +37,19 @@ def run(
     ] = False,
 ) -> None:
     """Run the training-pipeline flow locally (no server) and print where everything is."""
+    preset_files = [str(p.resolve()) for p in presets or []]
     try:
-        load_params(root / DEFAULT_PARAMS, overrides)  # fail fast, before Prefect starts
+        load_params(root / DEFAULT_PARAMS, overrides, preset_files)  # fail fast, before Prefect
     except ConfigError as err:
         raise typer.BadParameter(str(err)) from None
     from flows.training_pipeline import training_pipeline
 
     outcomes = training_pipeline(
-        overrides=overrides or [], force=force, root=str(root), promote=promote
+        overrides=overrides or [],
+        presets=preset_files,
+        force=force,
+        root=str(root),
+        promote=promote,
     )
     params = load_params(root / DEFAULT_PARAMS)
     print_summary(root, params, outcomes)

@@ -6,6 +6,7 @@ flow and `dvc repro` share one cache and lock. Runs without a server (Prefect's 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 from prefect import flow, task
@@ -13,7 +14,7 @@ from prefect.cache_policies import NONE
 from pydantic import Field
 
 from tasks.common import stage
-from tasks.common.config import key_overrides
+from tasks.common.config import expand_presets, key_overrides
 from tasks.evaluate import evaluate_task
 from tasks.export import export_task
 from tasks.infer import infer_task
@@ -39,8 +40,6 @@ STAGES = (
 
 def run_name() -> str:
     """Flow run name from the key params, e.g. `resnet18-bert2x128-e8-lr0.001-seed0`."""
-    from pathlib import Path
-
     from prefect.runtime import flow_run
 
     from tasks.common.config import (
@@ -55,7 +54,10 @@ def run_name() -> str:
     args = flow_run.parameters
     root = Path(args.get("root") or ".")
     try:
-        overrides = key_overrides(args.get("overrides"), **{k: args.get(k) for k in KEY_PARAMS})
+        overrides = key_overrides(
+            expand_presets(args.get("presets"), args.get("overrides"), root),
+            **{k: args.get(k) for k in KEY_PARAMS},
+        )
         p = validate(apply_overrides(read_yaml(root / DEFAULT_PARAMS), overrides))
     except ValueError:
         return "training-pipeline-invalid-params"
@@ -67,6 +69,7 @@ def run_name() -> str:
 @flow(name="training-pipeline", log_prints=True, flow_run_name=run_name)
 def training_pipeline(
     overrides: list[str] | None = None,
+    presets: list[str] | None = None,
     force: bool = False,
     root: str = ".",
     promote: bool = False,
@@ -76,11 +79,18 @@ def training_pipeline(
     lr: Annotated[float, Field(gt=0)] | None = None,
     seed: Annotated[int, Field(ge=0)] | None = None,
 ) -> dict[str, stage.StageOutcome]:
-    """Run every stage. `overrides`: dotted `key=value` params (`train.lr=0.001`); `force`: rerun
+    """Run every stage. `presets`: overlay files (`presets/scratch-resnet18-bert2.yaml`, relative
+    to `root`), expanded into dotted overrides in order, before `overrides`: dotted `key=value`
+    params (`train.lr=0.001`); both are written into params.yaml for dvc.lock. `force`: rerun
     unchanged stages; `promote`: finish with `xmodal promote` (gated alias move); `epochs`,
     `max_steps`, `batch_size`, `lr`, `seed`: typed shortcuts for the `train.*` keys."""
     overrides = key_overrides(
-        overrides, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed
+        expand_presets(presets, overrides, root),
+        epochs=epochs,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
     )
     configure_task(root, overrides)
     outcomes = {t.name: t(root, force) for t in STAGES}

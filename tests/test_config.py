@@ -7,8 +7,12 @@ from tasks.common.config import (
     ConfigError,
     Params,
     apply_overrides,
+    flatten,
     load_params,
+    load_yaml,
     persist_overrides,
+    preset_overrides,
+    read_yaml,
     validate,
 )
 
@@ -124,16 +128,132 @@ def test_dvc_plots_point_at_params_paths():
     assert files == {paths.train_history, paths.recall_plot, paths.figures}
 
 
+# -- one source: the code's defaults are params.yaml -------------------------------------------
+
+# Train fills model.text.vocab_size in from the tokenizer; it is the one key params.yaml leaves out.
+NOT_IN_PARAMS_YAML = {"model.text.vocab_size"}
+
+
+def test_code_defaults_equal_params_yaml_key_by_key():
+    code = flatten(Params().model_dump(mode="json"))
+    raw = read_yaml(ROOT / "params.yaml")
+    yaml_ = flatten(validate(raw).model_dump(mode="json"))
+    differ = [
+        f"{k}: code {code[k]!r} != params.yaml {yaml_[k]!r}" for k in code if code[k] != yaml_[k]
+    ]
+    assert not differ, "defaults disagree with params.yaml:\n  " + "\n  ".join(differ)
+
+
+def test_params_yaml_spells_out_every_schema_key():
+    schema = set(flatten(Params().model_dump(mode="json")))
+    spelled = set(flatten(read_yaml(ROOT / "params.yaml")))
+    missing = sorted(schema - spelled - NOT_IN_PARAMS_YAML)
+    assert not missing, f"add to params.yaml: {', '.join(missing)}"
+    assert not (NOT_IN_PARAMS_YAML & spelled), "vocab_size is filled in by train"
+
+
+# -- presets: overlays on params.yaml ----------------------------------------------------------
+
+PARAMS = ROOT / "params.yaml"
 PRESETS = sorted((ROOT / "presets").glob("*.yaml"))
+preset_ids = [p.stem for p in PRESETS]
 
 
-@pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
-def test_every_preset_loads(preset: Path):
-    p = load_params(preset)
-    assert p.paths == load_params(ROOT / "params.yaml").paths
+@pytest.mark.parametrize("preset", PRESETS, ids=preset_ids)
+def test_every_preset_loads_onto_params_yaml(preset: Path):
+    p = load_params(PARAMS, presets=[preset])
+    assert p.paths == load_params(PARAMS).paths
+    # The code's defaults are params.yaml, so the overlay alone means the same.
+    assert validate(read_yaml(preset)) == p
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=preset_ids)
+def test_preset_lists_only_what_it_changes(preset: Path):
+    base = flatten(load_params(PARAMS).model_dump(mode="json"))
+    merged = flatten(load_params(PARAMS, presets=[preset]).model_dump(mode="json"))
+    same = [k for k in flatten(read_yaml(preset)) if merged[k] == base[k]]
+    assert not same, f"{preset.name} restates params.yaml at: {', '.join(same)}"
 
 
 def test_seed_preset_is_the_notes_configuration():
-    p = load_params(ROOT / "presets" / "seed-resnet50-bert.yaml")
+    p = load_params(PARAMS, presets=[ROOT / "presets" / "seed-resnet50-bert.yaml"])
     assert (p.model.image.backbone, p.model.image.weights) == ("resnet50", "IMAGENET1K_V2")
     assert p.model.text.pretrained == "bert-base-uncased" and p.model.text.hidden_size == 768
+    assert p.train.text.lr == 2e-05 and p.train.text.trainable_blocks is None
+
+
+def test_scratch_preset_is_the_former_default():
+    p = load_params(PARAMS, presets=[ROOT / "presets" / "scratch-resnet18-bert2.yaml"])
+    assert (p.model.image.backbone, p.model.image.weights) == ("resnet18", "none")
+    assert p.model.text.pretrained is None and p.model.text.num_layers == 2
+    assert p.train.image.lr is None and p.train.text.trainable_blocks is None
+
+
+def test_unknown_preset_key_is_rejected_by_dotted_name(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lrr: 0.1\n  text:\n    lr: 0.1\nmodel:\n  text:\n    nope: 1\n")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\): train\.lrr, model\.text\.nope"):
+        load_params(PARAMS, presets=[bad])
+    with pytest.raises(ConfigError) as err:
+        load_params(PARAMS, presets=[tmp_path / "missing.yaml"])
+    assert str(err.value) == f"preset file not found: {tmp_path / 'missing.yaml'}"
+
+
+def test_presets_apply_in_order_then_overrides_win(tmp_path: Path):
+    seed = ROOT / "presets" / "seed-resnet50-bert.yaml"
+    later = tmp_path / "later.yaml"
+    later.write_text("train:\n  epochs: 3\n  text:\n    lr: 0.001\n")
+    p = load_params(PARAMS, ["train.text.lr=0.5"], [seed, later])
+    assert p.train.epochs == 3  # the later preset wins over the earlier
+    assert p.train.text.lr == 0.5  # -S wins over every preset
+    assert p.model.image.backbone == "resnet50" and p.train.batch_size == 128
+
+
+@pytest.mark.parametrize(
+    "value", [2e-05, 1.0e20, 0.0001, None, "null", "2e-05", "none", [0.6, 1.0], [], True, "a=b"]
+)
+def test_override_values_round_trip(value):
+    """A preset value written as a `key=value` item reads back as the same value and type."""
+    from tasks.common.config import _yaml_value
+
+    (out,) = flatten(apply_overrides({}, [f"x.y={_yaml_value(value)}"])).values()
+    assert out == value and type(out) is type(value)
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=preset_ids)
+def test_persisted_preset_round_trips_exactly(tmp_path: Path, preset: Path):
+    """`xmodal run -P` writes the preset into params.yaml as -S items; what DVC then records and
+    what later stages read is the preset, value for value (lists, nulls, 2e-05)."""
+    path = tmp_path / "params.yaml"
+    path.write_text(PARAMS.read_text())
+    persist_overrides(path, preset_overrides(preset))
+    written = flatten(read_yaml(path))
+    for key, value in flatten(read_yaml(preset)).items():
+        assert written[key] == value and type(written[key]) is type(value), key
+    assert load_params(path) == load_params(PARAMS, presets=[preset])
+    assert "# The single source of settings" in path.read_text()
+
+
+def test_yaml_reads_exponent_floats_without_a_dot():
+    assert load_yaml("a: 2e-05\nb: '2e-05'\nc: 10") == {"a": 2e-05, "b": "2e-05", "c": 10}
+
+
+def test_stage_main_takes_presets_then_overrides():
+    from tasks.common.stage import main
+
+    seed = ROOT / "presets" / "seed-resnet50-bert.yaml"
+    argv = ["--params", str(PARAMS), "-P", str(seed), "-S", "train.epochs=2"]
+    p = main("probe", lambda params, root: params, argv)
+    assert p.model.image.backbone == "resnet50" and p.train.epochs == 2
+
+
+def test_cli_run_rejects_a_bad_preset_before_running(tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from cli.pipeline import app
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  image:\n    backbon: resnet18\n")
+    result = CliRunner().invoke(app, ["run", "--root", str(ROOT), "-P", str(bad)])
+    assert result.exit_code != 0
+    assert "model.image.backbon" in result.output

@@ -11,13 +11,22 @@ from tasks.common.config import TrainParams
 from tasks.common.optim import param_groups
 from tasks.train import autocast_settings
 
+# Tiny from-scratch towers (the defaults are the pretrained pair; it has its own test).
 TEXT = TextTowerConfig(
-    vocab_size=50, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_positions=16
+    pretrained=None,
+    vocab_size=50,
+    hidden_size=32,
+    num_layers=1,
+    num_heads=2,
+    intermediate_size=64,
+    max_positions=16,
+    pooling="cls",
 )
+SCRATCH_IMAGE = {"backbone": "resnet18", "weights": "none", "normalization": "dataset"}
 
 
 def tiny(**kw) -> DualEncoder:
-    cfg = ModelConfig(image=ImageTowerConfig(**kw), text=TEXT, embed_dim=8)
+    cfg = ModelConfig(image=ImageTowerConfig(**{**SCRATCH_IMAGE, **kw}), text=TEXT, embed_dim=8)
     return DualEncoder(cfg, pixel_stats=((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))).eval()
 
 

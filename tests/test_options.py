@@ -21,14 +21,24 @@ from tasks.common.optim import (
     setup_temperature,
 )
 
+# Tiny from-scratch towers (the defaults are the pretrained pair; it has its own test).
 TEXT = TextTowerConfig(
-    vocab_size=50, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_positions=16
+    pretrained=None,
+    vocab_size=50,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=2,
+    intermediate_size=64,
+    max_positions=16,
+    pooling="cls",
 )
+SCRATCH_IMAGE = {"backbone": "resnet18", "weights": "none", "normalization": "dataset"}
 STATS = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
 
 def make(**kw) -> DualEncoder:
     torch.manual_seed(0)
+    kw.setdefault("image", SCRATCH_IMAGE)
     return DualEncoder(ModelConfig(text=kw.pop("text", TEXT), embed_dim=8, **kw), pixel_stats=STATS)
 
 
@@ -198,7 +208,8 @@ def test_dropout_reaches_text_tower_and_fusion():
 
 
 def test_imagenet_normalisation_option():
-    net = DualEncoder(ModelConfig(text=TEXT, embed_dim=8, image={"normalization": "imagenet"}))
+    image = {**SCRATCH_IMAGE, "normalization": "imagenet"}
+    net = DualEncoder(ModelConfig(text=TEXT, embed_dim=8, image=image))
     assert torch.allclose(net.pixel_mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))
     assert F.normalize(torch.ones(2), dim=0).shape == (2,)
 

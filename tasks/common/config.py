@@ -1,10 +1,16 @@
-"""params.yaml -> typed, validated config. The only place settings are read from."""
+"""params.yaml -> typed, validated config. The only place settings are read from.
+
+Every default here (and in model/config.py) equals params.yaml, key by key; tests/test_config.py
+checks it, and that params.yaml spells out every key. The one exception is model.text.vocab_size,
+which train fills in. Presets (presets/*.yaml) are overlays: only the keys they change.
+"""
 
 from __future__ import annotations
 
 import copy
 import hashlib
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -15,6 +21,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from model.config import ModelConfig
 
 DEFAULT_PARAMS = Path("params.yaml")
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, also reading `2e-05` (no dot) as a float, as YAML 1.2 and DVC's
+    ruamel writer do: persisted overrides and presets then read back as the numbers they were."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 class ConfigError(ValueError):
@@ -76,7 +96,7 @@ class PreprocessParams(_Section):
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     image_size: int = Field(64, ge=16, le=1024)
-    max_length: int = Field(32, ge=4, le=512)
+    max_length: int = Field(40, ge=4, le=512)
     # WordPiece vocabulary trained on the train captions when model.text.pretrained is not set.
     vocab_size: int = Field(1000, ge=50)
     shard_size: int = Field(1024, ge=1)
@@ -111,6 +131,15 @@ class TowerOptim(_Section):
     weight_decay: float | None = Field(None, ge=0.0)  # None: train.weight_decay
     # None trains every block; 0 freezes the tower; N trains only its last N blocks (LiT).
     trainable_blocks: int | None = Field(None, ge=0)
+
+
+class ImageOptim(TowerOptim):
+    lr: float | None = Field(3e-4, gt=0.0)
+
+
+class TextOptim(TowerOptim):
+    lr: float | None = Field(1e-4, gt=0.0)
+    trainable_blocks: int | None = Field(2, ge=0)  # counts BERT embeddings + layers
 
 
 class HeadsOptim(_Section):
@@ -148,8 +177,8 @@ class TrainParams(_Section):
     log_every: int = Field(10, ge=1)
     temperature: TemperatureParams = TemperatureParams()
     loss: LossParams = LossParams()
-    image: TowerOptim = TowerOptim()
-    text: TowerOptim = TowerOptim()
+    image: ImageOptim = ImageOptim()
+    text: TextOptim = TextOptim()
     heads: HeadsOptim = HeadsOptim()
     augment: AugmentParams = AugmentParams()
 
@@ -217,7 +246,14 @@ class InferParams(_Section):
     provider: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(0, ge=0)
     variant: Literal["fp32", "int8", "fp16"] = "fp32"  # which exported variant serves
-    queries: list[str] = Field(default_factory=list)
+    # The demo queries `make run` ends with.
+    queries: list[str] = Field(
+        default_factory=lambda: [
+            "a large red circle on the left",
+            "a small blue square in the top right corner",
+            "three shapes on a striped teal background",
+        ]
+    )
 
 
 # pydantic warns that the stage name `register` shadows BaseModel.register (an ABC classmethod that
@@ -272,7 +308,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {item!r} must look like section.key=value")
-    return key.strip().split("."), yaml.safe_load(raw)
+    return key.strip().split("."), load_yaml(raw)
 
 
 # The pipeline's typed flow parameters (`prefect deployment run ... -p epochs=1`) and the params
@@ -321,7 +357,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"params file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
@@ -329,9 +365,79 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_params(path: Path = DEFAULT_PARAMS, overrides: list[str] | None = None) -> Params:
-    """Read, override by dotted key, and validate params. Raises ConfigError before any work."""
-    return validate(apply_overrides(read_yaml(path), overrides))
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'train': {'lr': 0.1}} -> {'train.lr': 0.1}: a dotted key for every leaf (non-mapping)."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out |= flatten(v, key + ".")
+        else:
+            out[key] = v
+    return out
+
+
+def schema_keys() -> set[str]:
+    """Every dotted key the schema knows, sections included (`train`, `train.image`, ...)."""
+
+    def walk(model: type[BaseModel], prefix: str) -> set[str]:
+        keys = set()
+        for name, field in model.model_fields.items():
+            keys.add(prefix + name)
+            sub = field.annotation
+            if isinstance(sub, type) and issubclass(sub, BaseModel):
+                keys |= walk(sub, f"{prefix}{name}.")
+        return keys
+
+    return walk(Params, "")
+
+
+def _yaml_value(value: Any) -> str:
+    """A value as one line of YAML that reads back exactly (2e-05 -> 2.0e-05; 'null' quoted)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30, allow_unicode=True)
+    text = text.removesuffix("\n...\n").rstrip("\n")
+    if isinstance(value, str) and load_yaml(text) != value:  # e.g. "2e-05", a float to us
+        text = "'" + value.replace("'", "''") + "'"
+    if "\n" in text or load_yaml(text) != value:
+        raise ConfigError(f"cannot write {value!r} as a one-line override")
+    return text
+
+
+def preset_overrides(path: Path | str) -> list[str]:
+    """A preset overlay (presets/*.yaml: only the keys it changes) as dotted `key=value` overrides,
+    in file order, so it goes through the same path as -S (and is persisted like -S by
+    `xmodal run`). Every key must exist in the schema; unknown ones are named."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"preset file not found: {path}")
+    leaves = flatten(read_yaml(path))
+    known = schema_keys()
+    unknown = [k for k in leaves if k not in known]
+    if unknown:
+        raise ConfigError(f"preset {path}: unknown key(s): {', '.join(unknown)}")
+    return [f"{key}={_yaml_value(value)}" for key, value in leaves.items()]
+
+
+def expand_presets(
+    presets: list[Path] | list[str] | None,
+    overrides: list[str] | None = None,
+    root: str | Path = ".",
+) -> list[str]:
+    """Each preset's overrides, in order, then `overrides` (so -S wins over -P). A relative
+    preset path is taken from `root`, the project root."""
+    paths = [Path(root) / p for p in map(Path, presets or [])]  # an absolute p stays itself
+    items = [item for preset in paths for item in preset_overrides(preset)]
+    return [*items, *(overrides or [])]
+
+
+def load_params(
+    path: Path = DEFAULT_PARAMS,
+    overrides: list[str] | None = None,
+    presets: list[Path] | None = None,
+) -> Params:
+    """Read params.yaml, lay each preset overlay over it in order, then the dotted-key overrides,
+    and validate. Raises ConfigError before any work."""
+    return validate(apply_overrides(read_yaml(path), expand_presets(presets, overrides)))
 
 
 def persist_overrides(path: Path, overrides: list[str]) -> None:

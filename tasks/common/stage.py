@@ -119,9 +119,21 @@ def run_stage(name: str, fn: StageFn, root: Path | str = ".", force: bool = Fals
 
 
 def main(name: str, fn: StageFn, argv: list[str] | None = None) -> Any:
-    """`python -m tasks.<name>`: what a DVC stage runs. Overrides are for runs outside DVC."""
+    """`python -m tasks.<name>`: what a DVC stage runs. Presets (-P) and overrides (-S) are for
+    runs outside DVC; they are not written to params.yaml."""
     parser = argparse.ArgumentParser(prog=f"python -m tasks.{name}", description=fn.__doc__)
     parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file")
+    parser.add_argument(
+        "-P",
+        "--preset",
+        dest="presets",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="PATH",
+        help="lay a preset overlay (presets/*.yaml) over the params file; repeatable, in order, "
+        "before -S",
+    )
     parser.add_argument(
         "-S",
         "--set",
@@ -133,7 +145,7 @@ def main(name: str, fn: StageFn, argv: list[str] | None = None) -> Any:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    params = load_params(args.params, args.overrides)
+    params = load_params(args.params, args.overrides, args.presets)
     return fn(params, args.params.resolve().parent)
 
 
