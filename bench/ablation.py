@@ -4,8 +4,8 @@ Each variant runs the pipeline up to `evaluate` as a DVC experiment (queued and 
 `dvc exp show` lists them), logs to one MLflow experiment, and lands as a row of
 docs/ablation.md: Recall@1/5 both ways, train time and parameter count.
 
-    PATH=.venv/bin:$PATH .venv/bin/python bench/ablation.py            # all variants
-    PATH=.venv/bin:$PATH .venv/bin/python bench/ablation.py --only default fusion -S train.epochs=1
+    PATH=.venv/bin:$PATH .venv/bin/python -m bench.ablation            # all variants
+    PATH=.venv/bin:$PATH .venv/bin/python -m bench.ablation --only default fusion -S train.epochs=1
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ from pathlib import Path
 
 import mlflow
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from tasks.common import tracking
+from tasks.common.config import load_params
 
-from tasks import tracking  # noqa: E402
-from tasks.common.config import load_params  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 EXPERIMENT = "xmodal-ablation"
 VARIANTS: dict[str, list[str]] = {

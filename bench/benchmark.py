@@ -4,7 +4,7 @@ Images/s and texts/s at batch 1, 32 and 128, and test-split Recall@1 for each en
 bench/results.md with the machine described. Needs a finished pipeline run (checkpoint, ONNX
 export with the int8 variant, prepared test split).
 
-    .venv/bin/python bench/benchmark.py [--params params.yaml] [--seconds 2] [--rounds 5]
+    .venv/bin/python -m bench.benchmark [--params params.yaml] [--seconds 2] [--rounds 5]
         [--resolutions 128 224]
 """
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,16 +21,15 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from model.metrics import retrieval_metrics
+from tasks.common.checkpoint import load_checkpoint
+from tasks.common.config import load_params
+from tasks.common.data import embed_split, load_split, read_json, to_pixels
+from tasks.common.variants import embed_with_onnx
+from xmodal_runtime.bundle import tower_file
+from xmodal_runtime.session import make_session
 
-from model.metrics import retrieval_metrics  # noqa: E402
-from tasks.common.config import load_params  # noqa: E402
-from tasks.common.data import embed_split, load_split, read_json, to_pixels  # noqa: E402
-from tasks.common.variants import embed_with_onnx  # noqa: E402
-from tasks.train import load_checkpoint  # noqa: E402
-from xmodal_runtime.bundle import tower_file  # noqa: E402
-from xmodal_runtime.session import make_session  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 BATCHES = (1, 32, 128)
 

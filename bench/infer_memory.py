@@ -3,7 +3,7 @@
 Generates N and 10N built-in images, runs batch inference on each in a fresh process, and prints
 peak RSS and throughput. Needs an exported model (default: paths.onnx of params.yaml).
 
-    .venv/bin/python bench/infer_memory.py [--n 300]
+    .venv/bin/python -m bench.infer_memory [--n 300]
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
 CHILD = """
 import json, resource, sys, time
 from pathlib import Path
-sys.path.insert(0, {root!r})
 from tasks.common.config import InferParams
 from tasks.infer import infer
 t = time.perf_counter()
@@ -31,7 +31,6 @@ print(json.dumps({{"images": res.images, "seconds": time.perf_counter() - t,
 
 
 def make_images(folder: Path, n: int) -> None:
-    sys.path.insert(0, str(ROOT))
     from tasks.common.synthetic import generate
 
     folder.mkdir(parents=True)
@@ -51,7 +50,6 @@ def main() -> None:
             images = Path(tmp) / f"images_{n}"
             make_images(images, n)
             code = CHILD.format(
-                root=str(ROOT),
                 model=str(args.model),
                 images=str(images),
                 out=str(Path(tmp) / f"out_{n}"),

@@ -7,31 +7,27 @@ machine hits every mode alike. Reports, per mode, the mean step time and the tim
 thread spent inside `mlflow.log_metrics`, both against the unlogged step. System metrics are on,
 as in `train`.
 
-    .venv/bin/python bench/logging_overhead.py [--blocks 5] [--steps 10] [--tracking-uri URI]
+    .venv/bin/python -m bench.logging_overhead [--blocks 5] [--steps 10] [--tracking-uri URI]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.benchmark import machine
+from tasks.common.checkpoint import build_model
+from tasks.common.config import load_params
+from tasks.common.data import load_split
+from tasks.train import Batches, build_trainer, train_step
 
-from bench.benchmark import machine  # noqa: E402
-from model.loss import ClipLoss  # noqa: E402
-from tasks import optim  # noqa: E402
-from tasks.common.config import load_params  # noqa: E402
-from tasks.common.data import load_split, to_pixels  # noqa: E402
-from tasks.train import build_model  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -46,33 +42,29 @@ def main() -> None:
     params = load_params(args.params)
     p = params.train
     torch.manual_seed(0)
-    data = load_split(ROOT / params.paths.prepared, "train")
-    net = build_model(params.model, ROOT / params.paths.prepared)
-    optim.freeze(net, p)
-    opt = torch.optim.AdamW(optim.param_groups(net, p, []), lr=p.lr)
-    loss_fn = ClipLoss()
-    rng = np.random.default_rng(0)
+    prepared = ROOT / params.paths.prepared
+    device = torch.device("cpu")
+    data = load_split(prepared, "train")
+    net = build_model(params.model, prepared)
+    # The real training step (tasks.train.train_step), not a copy of it.
+    trainer = build_trainer(p, net, device, total=10**6)
+    batches = Batches(data, p, device)
+    order = batches.shuffle()
+    n_steps = [0]
 
     def step() -> dict[str, float]:
-        idx = np.sort(rng.choice(len(data), p.batch_size, replace=False))
-        cap = np.array([np.flatnonzero(data.image_index == i)[0] for i in idx])
-        f = net.features(
-            to_pixels(data.images[idx]),
-            torch.from_numpy(data.input_ids[cap]),
-            torch.from_numpy(data.attention_mask[cap]),
-        )
-        loss = loss_fn(f.image, f.text, f.scale)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        b = n_steps[0] % (len(data) // p.batch_size)
+        batch = batches.get(order, b)
+        parts = train_step(trainer, *batch, n_steps[0], 0.0)
+        n_steps[0] += 1
         # the payload train logs each log_every steps
-        value = float(loss.detach())
+        value = float(parts["contrastive"])
         return {
             "train/loss_contrastive": value,
             "train/weight_contrastive": 1.0,
-            "train/loss_total": value,
+            "train/loss_total": float(parts["total"]),
             "train/loss": value,
-            "train/lr": p.lr,
+            "train/lr": trainer.sched.get_last_lr()[0],
             "train/temperature": 1.0 / float(net.scale()),
             "train/samples_per_s": 64.0,
         }
@@ -151,7 +143,7 @@ def main() -> None:
             "which also counts the async writer thread competing for the 2 cores, and carries "
             f"noise: the unlogged steps alone vary by {spread:.1f} % (stdev / mean).",
             "",
-            "Regenerate: `.venv/bin/python bench/logging_overhead.py` (needs a finished "
+            "Regenerate: `.venv/bin/python -m bench.logging_overhead` (needs a finished "
             "`make run` for the prepared split).",
         ]
     )

@@ -6,13 +6,12 @@ text tower fp32, so each row shows one tower's loss; images/s is the image tower
 `--layers` adds the accumulated error (SQNR against fp32, in dB) after every conv of the
 all-int8 image tower, from onnxruntime's qdq_loss_debug.
 
-    .venv/bin/python bench/quantisation.py [--params params.yaml] [--layers]
+    .venv/bin/python -m bench.quantisation [--params params.yaml] [--layers]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
@@ -26,15 +25,14 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.benchmark import measure
+from model.metrics import retrieval_metrics
+from tasks.common import variants
+from tasks.common.config import load_params
+from tasks.common.data import load_split, to_pixels
+from xmodal_runtime.session import make_session, run_chunked
 
-from bench.benchmark import measure  # noqa: E402
-from model.metrics import retrieval_metrics  # noqa: E402
-from tasks import variants  # noqa: E402
-from tasks.common.config import load_params  # noqa: E402
-from tasks.common.data import load_split, to_pixels  # noqa: E402
-from xmodal_runtime.session import make_session, run_chunked  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TEXT = {
     "defaults (per-tensor weights)": {},

@@ -83,11 +83,13 @@ class DualEncoder(nn.Module):
     def max_log_scale(self) -> float:
         return math.log(self.cfg.max_logit_scale)
 
-    def _image_stages(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+    def image_stages(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        """Every image-tower stage's feature map, (B, C_i, H_i, W_i); the last is the output."""
         # pixels: (B, 3, H, W) in [0, 1]; normalising here means exports need no stats.
         return self.visual((pixels - self.pixel_mean) / self.pixel_std)
 
-    def _text_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def text_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The text tower's token states, (B, L, H)."""
         return self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     def _project_text(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -95,11 +97,11 @@ class DualEncoder(nn.Module):
         return F.normalize(self.text_proj(pooled), dim=-1)
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        fmap = self._image_stages(pixels)[-1]
+        fmap = self.image_stages(pixels)[-1]
         return F.normalize(self.image_proj(pool(fmap)), dim=-1)  # (B, D), L2-normalised
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self._project_text(self._text_hidden(input_ids, attention_mask), attention_mask)
+        return self._project_text(self.text_states(input_ids, attention_mask), attention_mask)
 
     def scale(self) -> torch.Tensor:
         """exp(logit_scale), clamped so it never exceeds cfg.max_logit_scale."""
@@ -118,8 +120,8 @@ class DualEncoder(nn.Module):
         self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> Features:
         """One pass through both towers, keeping what the optional heads need."""
-        stages = self._image_stages(pixels)
-        hidden = self._text_hidden(input_ids, attention_mask)
+        stages = self.image_stages(pixels)
+        hidden = self.text_states(input_ids, attention_mask)
         image_ms = None
         if self.ms_proj is not None:
             image_ms = F.normalize(self.ms_proj(pool(stages[self.cfg.multiscale.stage])), dim=-1)

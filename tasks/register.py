@@ -187,6 +187,45 @@ def prefect_flow_run_id() -> str:
         return ""
 
 
+def log_export_metrics(export_report: dict) -> None:
+    """Each variant's test metrics, sizes, deltas and mixed precision; parity figures."""
+    for name, v in export_report.get("variants", {}).items():
+        if not v.get("available", True):
+            continue
+        mlflow.log_metrics({f"export/{name}_{k}": x for k, x in v["metrics"].items()})
+        mlflow.log_metrics({f"export/{name}_bytes_{t}": b for t, b in v["bytes"].items()})
+        mlflow.log_metrics(
+            {f"export/{name}_delta_{k}": d for k, d in v.get("delta_vs_fp32", {}).items()}
+        )
+        if "mixed_precision" in v:
+            mixed = v["mixed_precision"]
+            mlflow.log_metrics(
+                {
+                    f"export/{name}_image_fp32_convs": mixed["image_fp32_convs"],
+                    f"export/{name}_val_cosine": mixed["val_cosine"],
+                }
+            )
+    parity = export_report["parity"]
+    mlflow.log_metrics(
+        {
+            "export/parity_max_abs_diff": parity["max_abs_diff"],
+            "export/parity_passed": float(parity["passed"]),
+        }
+    )
+
+
+def set_aliases(client: MlflowClient, p: RegisterParams, version: str) -> list[str]:
+    """`candidate` on the new version; `champion` too when the registry has none yet."""
+    aliases = [p.candidate_alias]
+    client.set_registered_model_alias(p.model_name, p.candidate_alias, version)
+    try:
+        client.get_model_version_by_alias(p.model_name, p.champion_alias)
+    except MlflowException:
+        client.set_registered_model_alias(p.model_name, p.champion_alias, version)
+        aliases.append(p.champion_alias)
+    return aliases
+
+
 def register(
     p: RegisterParams,
     mlflow_p: MlflowParams,
@@ -210,26 +249,7 @@ def register(
         source = trained_with.get("ingest.source", "dataset")
         log_dataset(raw, lineage["dvc_data_version"], f"xmodal-{source}")
         mlflow.log_metrics({f"test/{k}": v for k, v in metrics.items()})
-        for name, v in export_report.get("variants", {}).items():
-            if v.get("available", True):
-                mlflow.log_metrics({f"export/{name}_{k}": x for k, x in v["metrics"].items()})
-                mlflow.log_metrics({f"export/{name}_bytes_{t}": b for t, b in v["bytes"].items()})
-                for k, d in v.get("delta_vs_fp32", {}).items():
-                    mlflow.log_metric(f"export/{name}_delta_{k}", d)
-                if "mixed_precision" in v:
-                    mixed = v["mixed_precision"]
-                    mlflow.log_metrics(
-                        {
-                            f"export/{name}_image_fp32_convs": mixed["image_fp32_convs"],
-                            f"export/{name}_val_cosine": mixed["val_cosine"],
-                        }
-                    )
-        mlflow.log_metrics(
-            {
-                "export/parity_max_abs_diff": parity["max_abs_diff"],
-                "export/parity_passed": float(parity["passed"]),
-            }
-        )
+        log_export_metrics(export_report)
         mlflow.log_artifacts(str(train_dir), artifact_path="checkpoint")  # weights + run.json
         mlflow.log_artifact(str(export_json), artifact_path="reports")
         info = mlflow.pyfunc.log_model(
@@ -259,13 +279,7 @@ def register(
         # A tracking server refuses a `models:/m-...` source unless its model id is named too.
         model_id=info.model_id,
     )
-    aliases = [p.candidate_alias]
-    client.set_registered_model_alias(p.model_name, p.candidate_alias, mv.version)
-    try:
-        client.get_model_version_by_alias(p.model_name, p.champion_alias)
-    except MlflowException:
-        client.set_registered_model_alias(p.model_name, p.champion_alias, mv.version)
-        aliases.append(p.champion_alias)
+    aliases = set_aliases(client, p, mv.version)
     result = RegisterResult(
         run_id,
         p.model_name,

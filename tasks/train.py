@@ -6,16 +6,14 @@ evaluate, export and register append to) under paths.train, and a per-step histo
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import json
 import math
 import shutil
 import time
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import torch
 from prefect import task
@@ -23,13 +21,14 @@ from prefect.cache_policies import NONE
 from transformers import get_cosine_schedule_with_warmup
 
 from model.config import ModelConfig
+from model.dual_encoder import DualEncoder
 from model.loss import ClipLoss, LossWeighting, itm_loss
 from model.metrics import retrieval_metrics
 from tasks.common import optim, stage, tracking
 from tasks.common.augment import augment
 from tasks.common.checkpoint import CHECKPOINT, build_model
-from tasks.common.config import MlflowParams, Params, TrainParams
-from tasks.common.data import embed_split, load_split, to_pixels
+from tasks.common.config import Params, TrainParams
+from tasks.common.data import Split, embed_split, load_split, to_pixels
 
 
 @dataclass(frozen=True)
@@ -60,16 +59,134 @@ def autocast_settings(amp: str, device: torch.device) -> tuple[torch.dtype | Non
     return (torch.bfloat16, False) if amp == "bf16" else (None, False)
 
 
+@dataclass
+class Trainer:
+    """What one optimiser step needs; built once by `build_trainer`."""
+
+    net: DualEncoder
+    p: TrainParams
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    weighting: LossWeighting
+    amp_dtype: torch.dtype | None
+    total: int  # optimiser steps in the whole run
+    frozen: list[torch.nn.Module]
+    loss_fn: ClipLoss = field(default_factory=ClipLoss)
+
+
+def build_trainer(p: TrainParams, net: DualEncoder, device: torch.device, total: int) -> Trainer:
+    """Freezing, temperature mode, loss weighting, AdamW groups, warmup + cosine schedule, AMP."""
+    frozen = optim.freeze(net, p)
+    optim.setup_temperature(net, p.temperature)
+    weights = {"contrastive": p.loss.contrastive}
+    if net.fusion is not None:
+        weights["itm"] = p.loss.itm
+    if net.ms_proj is not None:
+        weights["multiscale"] = p.loss.multiscale
+    weighting = LossWeighting(weights, p.loss.weighting, p.loss.ramp_epochs).to(device)
+    opt = torch.optim.AdamW(optim.param_groups(net, p, list(weighting.parameters())), lr=p.lr)
+    sched = get_cosine_schedule_with_warmup(opt, min(p.warmup_steps, total // 2), total)
+    amp_dtype, use_scaler = autocast_settings(p.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    return Trainer(net, p, opt, sched, scaler, weighting, amp_dtype, total, frozen)
+
+
+def train_step(
+    t: Trainer,
+    pixels: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    step: int,
+    epoch: float,
+) -> dict[str, torch.Tensor]:
+    """One optimiser step on a batch (pixels (B, 3, S, S), tokens (B, L)); returns the detached
+    loss parts and their weighted sum under "total". `epoch` is fractional (loss ramp-in)."""
+    net, p = t.net, t.p
+    if p.temperature.mode == "scheduled":
+        optim.set_temperature(net, optim.scheduled_temperature(p.temperature, step, t.total))
+    device_type = pixels.device.type
+    amp = torch.autocast(device_type, dtype=t.amp_dtype) if t.amp_dtype else nullcontext()
+    with amp:
+        f = net.features(pixels, input_ids, attention_mask)
+        img, txt = f.image.float(), f.text.float()
+        parts = {"contrastive": t.loss_fn(img, txt, f.scale)}
+        if net.fusion is not None:
+            parts["itm"] = itm_loss(net.fusion, f.text_hidden, attention_mask, f.fmap, img @ txt.T)
+        if net.ms_proj is not None:
+            parts["multiscale"] = t.loss_fn(f.image_ms.float(), txt, f.scale)
+        loss = t.weighting(parts, epoch)
+    t.opt.zero_grad(set_to_none=True)
+    t.scaler.scale(loss).backward()
+    t.scaler.unscale_(t.opt)
+    torch.nn.utils.clip_grad_norm_(net.parameters(), p.grad_clip)
+    t.scaler.step(t.opt)
+    t.scaler.update()
+    t.sched.step()
+    net.clamp_logit_scale_()
+    return {**{k: v.detach() for k, v in parts.items()}, "total": loss.detach()}
+
+
+class Batches:
+    """Shuffled batches of the train split, one caption per image per step, drawn with the
+    run's own generator: reproducible."""
+
+    def __init__(self, data: Split, p: TrainParams, device: torch.device) -> None:
+        self.data, self.p, self.device = data, p, device
+        self.rng = np.random.default_rng(p.seed)
+        self.captions_of: list[list[int]] = [[] for _ in range(len(data))]
+        for c, i in enumerate(data.image_index):
+            self.captions_of[i].append(c)
+
+    def shuffle(self) -> np.ndarray:
+        return self.rng.permutation(len(self.data))
+
+    def get(self, order: np.ndarray, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        size = self.p.batch_size
+        idx = np.sort(order[b * size : (b + 1) * size])
+        cap = np.array([c[self.rng.integers(len(c))] for c in (self.captions_of[i] for i in idx)])
+        pixels = augment(to_pixels(self.data.images[idx]), self.p.augment)
+        return (
+            pixels.to(self.device, non_blocking=True),
+            torch.from_numpy(self.data.input_ids[cap]).to(self.device),
+            torch.from_numpy(self.data.attention_mask[cap]).to(self.device),
+        )
+
+
+def _record(t: Trainer, parts: dict, step: int, epoch: int, history, bar, sink, sps: float):
+    """One history row and progress update per step; metrics to the sink at the log cadence."""
+    loss = float(parts["contrastive"])
+    temperature = 1.0 / float(t.net.scale().detach())
+    lr = t.sched.get_last_lr()[0]
+    history.writerow([step, epoch, f"{loss:.6f}", f"{lr:.6g}", f"{temperature:.6f}"])
+    bar.update(1)
+    bar.set_postfix(loss=f"{loss:.3f}", epoch=epoch, refresh=False)
+    if step % t.p.log_every == 0 or step == t.total:
+        metrics = {f"train/loss_{k}": float(v) for k, v in parts.items() if k != "total"}
+        metrics |= {f"train/weight_{k}": v for k, v in t.weighting.current_weights(epoch).items()}
+        metrics |= {"train/loss_total": float(parts["total"]), "train/loss": loss, "train/lr": lr}
+        sink.log({**metrics, "train/temperature": temperature, "train/samples_per_s": sps}, step)
+    return loss
+
+
+def _validate(net: DualEncoder, val: Split | None, device, sink, step: int, bar) -> None:
+    if val is None or len(val) <= 1:
+        return
+    img, txt = embed_split(net, val, 256, device)
+    m = retrieval_metrics(img @ txt.T, val.image_index, ks=(1, 5))
+    sink.log({f"val/{k}": v for k, v in m.items()}, step)
+    bar.write(f"step {step}: val i2t_R1={m['i2t_R1']:.3f} t2i_R1={m['t2i_R1']:.3f}")
+
+
 def train(
     p: TrainParams,
     model_cfg: ModelConfig,
     prepared: Path,
     out: Path,
     history_csv: Path,
-    mlflow_p: MlflowParams,
-    root: Path,
-    params_hash: str,
-    all_params: dict,
+    sink: tracking.MetricSink,
+    params_hash: str = "",
+    run_id: str = "",
 ) -> TrainResult:
     """Train on the prepared train split, validate each epoch, save a self-describing checkpoint."""
     torch.manual_seed(p.seed)
@@ -77,183 +194,65 @@ def train(
     if p.num_threads:
         torch.set_num_threads(p.num_threads)
     device = select_device(p.device)
-    amp_dtype, use_scaler = autocast_settings(p.amp, device)
-
     data = load_split(prepared, "train")
     val = load_split(prepared, "val") if (prepared / "val").is_dir() else None
     net = build_model(model_cfg, prepared).to(device)
-    frozen = optim.freeze(net, p)
-    optim.setup_temperature(net, p.temperature)
-    loss_fn = ClipLoss()
-    weights = {"contrastive": p.loss.contrastive}
-    if net.fusion is not None:
-        weights["itm"] = p.loss.itm
-    if net.ms_proj is not None:
-        weights["multiscale"] = p.loss.multiscale
-    weighting = LossWeighting(weights, p.loss.weighting, p.loss.ramp_epochs).to(device)
-    steps_per_epoch = len(data) // p.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"train.batch_size ({p.batch_size}) exceeds the {len(data)} training images"
-        )
-    total = (
-        p.epochs * steps_per_epoch
-        if p.max_steps is None
-        else min(p.max_steps, p.epochs * steps_per_epoch)
-    )
-    opt = torch.optim.AdamW(optim.param_groups(net, p, list(weighting.parameters())), lr=p.lr)
-    sched = get_cosine_schedule_with_warmup(opt, min(p.warmup_steps, total // 2), total)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    # One caption per image per step, drawn with the run's own generator: reproducible.
-    rng = np.random.default_rng(p.seed)
-    captions_of = [[] for _ in range(len(data))]
-    for c, i in enumerate(data.image_index):
-        captions_of[i].append(c)
-
-    out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    history_csv = Path(history_csv)
-    history_csv.parent.mkdir(parents=True, exist_ok=True)
-
-    tracking.setup(mlflow_p, root)
-    run_name, run_tags = tracking.run_identity()
-    mlflow.set_system_metrics_sampling_interval(mlflow_p.system_metrics_interval)
-    mlflow.set_system_metrics_samples_before_logging(1)
+    per_epoch = len(data) // p.batch_size
+    if per_epoch == 0:
+        raise ValueError(f"train.batch_size ({p.batch_size}) exceeds the {len(data)} train images")
+    total = min(p.max_steps or p.epochs * per_epoch, p.epochs * per_epoch)
+    t, batches = build_trainer(p, net, device, total), Batches(data, p, device)
+    n_trainable = sum(q.numel() for q in net.parameters() if q.requires_grad)
+    n_all = sum(q.numel() for q in net.parameters())
+    sink.log({"model/parameters": n_all, "model/trainable_parameters": n_trainable})
+    Path(out).mkdir(parents=True, exist_ok=True)
+    Path(history_csv).parent.mkdir(parents=True, exist_ok=True)
+    step, start, loss = 0, time.perf_counter(), float("nan")
     with (
-        mlflow.start_run(run_name=run_name, log_system_metrics=mlflow_p.system_metrics) as run,
-        open(history_csv, "w", newline="") as hist,
+        open(history_csv, "w", newline="") as f,
+        stage.progress(total=total, desc="train", unit="step") as bar,
     ):
-        (out / tracking.RUN_FILE).write_text(json.dumps({"run_id": run.info.run_id}))
-        mlflow.log_params(tracking.flatten(all_params))
-        mlflow.set_tags(
-            {
-                "params_hash": params_hash,
-                "device": str(device),
-                **tracking.git_state(root),
-                **run_tags,
-            }
-        )
-        n_trainable = sum(q.numel() for q in net.parameters() if q.requires_grad)
-        mlflow.log_metrics(
-            {
-                "model/parameters": sum(q.numel() for q in net.parameters()),
-                "model/trainable_parameters": n_trainable,
-            }
-        )
-        writer = csv.writer(hist)
-        writer.writerow(["step", "epoch", "loss", "lr", "temperature"])
-        step, start, loss_val = 0, time.perf_counter(), float("nan")
-        bar = stage.progress(total=total, desc="train", unit="step")
+        history = csv.writer(f)
+        history.writerow(["step", "epoch", "loss", "lr", "temperature"])
         for epoch in range(p.epochs):
             net.train()
-            optim.keep_frozen_eval(frozen)
-            order = rng.permutation(len(data))
-            for b in range(steps_per_epoch):
-                if step >= total:
-                    break
+            optim.keep_frozen_eval(t.frozen)
+            order = batches.shuffle()
+            for b in range(min(per_epoch, total - step)):
                 t0 = time.perf_counter()
-                idx = np.sort(order[b * p.batch_size : (b + 1) * p.batch_size])
-                cap = np.array([captions_of[i][rng.integers(len(captions_of[i]))] for i in idx])
-                pixels = augment(to_pixels(data.images[idx]), p.augment).to(
-                    device, non_blocking=True
-                )
-                ids = torch.from_numpy(data.input_ids[cap]).to(device)
-                mask = torch.from_numpy(data.attention_mask[cap]).to(device)
-                ctx = (
-                    torch.autocast(device.type, dtype=amp_dtype)
-                    if amp_dtype
-                    else contextlib.nullcontext()
-                )
-                if p.temperature.mode == "scheduled":
-                    optim.set_temperature(
-                        net, optim.scheduled_temperature(p.temperature, step, total)
-                    )
-                with ctx:
-                    f = net.features(pixels, ids, mask)
-                    img, txt = f.image.float(), f.text.float()
-                    parts = {"contrastive": loss_fn(img, txt, f.scale)}
-                    if net.fusion is not None:
-                        parts["itm"] = itm_loss(
-                            net.fusion, f.text_hidden, mask, f.fmap, img @ txt.T
-                        )
-                    if net.ms_proj is not None:
-                        parts["multiscale"] = loss_fn(f.image_ms.float(), txt, f.scale)
-                    loss = weighting(parts, epoch + b / steps_per_epoch)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(net.parameters(), p.grad_clip)
-                scaler.step(opt)
-                scaler.update()
-                sched.step()
-                net.clamp_logit_scale_()
+                batch = batches.get(order, b)
+                parts = train_step(t, *batch, step, epoch + b / per_epoch)
                 step += 1
-                loss_val = float(parts["contrastive"].detach())
-                temperature = 1.0 / float(net.scale().detach())
-                lr = sched.get_last_lr()[0]
-                writer.writerow([step, epoch, f"{loss_val:.6f}", f"{lr:.6g}", f"{temperature:.6f}"])
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_val:.3f}", epoch=epoch, refresh=False)
-                if step % p.log_every == 0 or step == total:
-                    extra = {f"train/loss_{k}": float(v.detach()) for k, v in parts.items()}
-                    extra.update(
-                        {
-                            f"train/weight_{k}": v
-                            for k, v in weighting.current_weights(epoch).items()
-                        }
-                    )
-                    mlflow.log_metrics(
-                        {
-                            **extra,
-                            "train/loss_total": float(loss.detach()),
-                            "train/loss": loss_val,
-                            "train/lr": lr,
-                            "train/temperature": temperature,
-                            "train/samples_per_s": len(idx) / (time.perf_counter() - t0),
-                        },
-                        step=step,
-                        synchronous=False,
-                    )
-            if val is not None and len(val) > 1:
-                img_e, txt_e = embed_split(net, val, 256, device)
-                m = retrieval_metrics(img_e @ txt_e.T, val.image_index, ks=(1, 5))
-                mlflow.log_metrics(
-                    {f"val/{k}": v for k, v in m.items()}, step=step, synchronous=False
-                )
-                bar.write(f"epoch {epoch}: val i2t_R1={m['i2t_R1']:.3f} t2i_R1={m['t2i_R1']:.3f}")
+                sps = len(batch[1]) / (time.perf_counter() - t0)
+                loss = _record(t, parts, step, epoch, history, bar, sink, sps)
+            _validate(net, val, device, sink, step, bar)
             if step >= total:
                 break
-        bar.close()
-        seconds = time.perf_counter() - start
-        sps = step * p.batch_size / seconds
-        mlflow.log_metrics(
-            {"train/seconds": seconds, "train/samples_per_s_mean": sps, "train/steps": step}
-        )
-        torch.save(
-            net.cpu().checkpoint(params_hash=params_hash, mlflow_run_id=run.info.run_id),
-            out / CHECKPOINT,
-        )
-        mlflow.flush_async_logging()
-    if not math.isfinite(loss_val):
-        raise FloatingPointError(f"training diverged: final loss {loss_val}")
-    return TrainResult(run.info.run_id, step, seconds, loss_val, sps)
+    seconds = time.perf_counter() - start
+    sps = step * p.batch_size / seconds
+    sink.log({"train/seconds": seconds, "train/samples_per_s_mean": sps, "train/steps": step})
+    ckpt = net.cpu().checkpoint(params_hash=params_hash, mlflow_run_id=run_id)
+    torch.save(ckpt, Path(out) / CHECKPOINT)
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"training diverged: final loss {loss}")
+    return TrainResult(run_id, step, seconds, loss, sps)
 
 
 def run(params: Params, root: Path) -> TrainResult:
-    paths = params.paths
-    return train(
-        params.train,
-        params.model,
-        root / paths.prepared,
-        root / paths.train,
-        root / paths.train_history,
-        params.mlflow,
-        root,
-        params.params_hash(),
-        params.model_dump(mode="json"),
-    )
+    """The stage: a fresh output folder, the pipeline's MLflow run, then `train`."""
+    paths, p = params.paths, params.train
+    out = root / paths.train
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    params_hash = params.params_hash()
+    tags = {"params_hash": params_hash, "device": str(select_device(p.device))}
+    everything = params.model_dump(mode="json")
+    with tracking.training_run(params.mlflow, root, out, everything, tags) as (run_id, sink):
+        return train(
+            p, params.model, root / paths.prepared, out, root / paths.train_history, sink,
+            params_hash, run_id,
+        )  # fmt: skip
 
 
 # Never retried: a failed training run is not an I/O hiccup.

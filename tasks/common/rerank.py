@@ -16,14 +16,14 @@ from tasks.common.data import Split, to_pixels
 def _tower_states(net: DualEncoder, split: Split, batch: int):
     fmaps = torch.cat(
         [
-            net._image_stages(to_pixels(split.images[i : i + batch]))[net.cfg.fusion.stage]
+            net.image_stages(to_pixels(split.images[i : i + batch]))[net.cfg.fusion.stage]
             for i in range(0, len(split), batch)
         ]
     )  # (N, C, h, w)
     ids, mask = torch.from_numpy(split.input_ids), torch.from_numpy(split.attention_mask)
     hidden = torch.cat(
         [
-            net._text_hidden(ids[i : i + batch], mask[i : i + batch])
+            net.text_states(ids[i : i + batch], mask[i : i + batch])
             for i in range(0, len(ids), batch)
         ]
     )  # (C, L, H)

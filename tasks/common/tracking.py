@@ -8,7 +8,7 @@ import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -106,3 +106,49 @@ def git_state(root: Path) -> dict[str, str]:
     except (subprocess.CalledProcessError, FileNotFoundError):
         return {"git_commit": "unknown", "git_dirty": "unknown"}
     return {"git_commit": commit, "git_dirty": str(dirty).lower()}
+
+
+class MetricSink(Protocol):
+    """Where training sends its step metrics: MLflow in the pipeline, anything in tests/bench."""
+
+    def log(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+
+
+class MlflowSink:
+    """Logs to the active MLflow run, asynchronously (0.01 % of a step at train's cadence,
+    bench/logging_overhead.md); `flush` waits for the queue."""
+
+    def log(self, metrics: dict[str, float], step: int | None = None) -> None:
+        mlflow.log_metrics(metrics, step=step, synchronous=False)
+
+    def flush(self) -> None:
+        mlflow.flush_async_logging()
+
+
+class NullSink:
+    def log(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
+@contextmanager
+def training_run(
+    p: MlflowParams, root: Path, run_dir: Path, params: dict[str, Any], tags: dict[str, str]
+) -> Iterator[tuple[str, MlflowSink]]:
+    """Start the pipeline's MLflow run (params, lineage tags, system metrics), record its id in
+    `run_dir/RUN_FILE` for the later stages, and yield (run id, sink)."""
+    setup(p, root)
+    run_name, run_tags = run_identity()
+    mlflow.set_system_metrics_sampling_interval(p.system_metrics_interval)
+    mlflow.set_system_metrics_samples_before_logging(1)
+    with mlflow.start_run(run_name=run_name, log_system_metrics=p.system_metrics) as run:
+        (Path(run_dir) / RUN_FILE).write_text(json.dumps({"run_id": run.info.run_id}))
+        mlflow.log_params(flatten(params))
+        mlflow.set_tags({**tags, **git_state(root), **run_tags})
+        sink = MlflowSink()
+        try:
+            yield run.info.run_id, sink
+        finally:
+            sink.flush()

@@ -1,0 +1,1 @@
+"""Benchmark scripts that print figures; run them as modules: `.venv/bin/python -m bench.X`."""
