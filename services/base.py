@@ -87,13 +87,6 @@ def port_free(port: int) -> bool:
     return True
 
 
-def free_port() -> int:
-    """A port the kernel says is free now (for tests)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
 def read_pid(path: Path) -> int | None:
     try:
         return int(path.read_text().strip())

@@ -112,3 +112,12 @@ def coco_mini() -> Path:
     if not (COCO_MINI / "annotations" / "captions_val2017.json").is_file():
         pytest.skip(f"coco-mini not present at {COCO_MINI}")
     return COCO_MINI
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 the kernel says is free now."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

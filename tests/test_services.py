@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from services.base import ServiceError, Services, free_port, require_postgres_binaries
+from services.base import ServiceError, Services, require_postgres_binaries
 from services.manager import start, status, stop
 from services.postgres import remove_cluster
 
-from .conftest import make_repo
+from .conftest import free_port, make_repo
 
 pytestmark = pytest.mark.services
 
