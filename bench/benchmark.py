@@ -26,7 +26,7 @@ from tasks.common.checkpoint import load_checkpoint
 from tasks.common.config import load_params
 from tasks.common.data import embed_split, load_split, read_json, to_pixels
 from tasks.common.variants import embed_with_onnx
-from xmodal_runtime.bundle import tower_file
+from xmodal_runtime.bundle import IMAGE_TOWER, TEXT_TOWER, tower_file
 from xmodal_runtime.session import make_session
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,8 +201,8 @@ def main() -> None:
 
     sessions = {
         v: (
-            make_session(onnx_dir / tower_file("image_encoder", v), "cpu"),
-            make_session(onnx_dir / tower_file("text_encoder", v), "cpu"),
+            make_session(onnx_dir / tower_file(IMAGE_TOWER, v), "cpu"),
+            make_session(onnx_dir / tower_file(TEXT_TOWER, v), "cpu"),
         )
         for v in ("fp32", "int8")
     }

@@ -30,6 +30,7 @@ from model.metrics import retrieval_metrics
 from tasks.common import variants
 from tasks.common.config import load_params
 from tasks.common.data import load_split, to_pixels
+from xmodal_runtime.bundle import IMAGE_TOWER, TEXT_TOWER, tower_file
 from xmodal_runtime.session import make_session, run_chunked
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,10 +101,10 @@ def main() -> None:
     val = to_pixels(load_split(prepared, "val").images).numpy()
     pixels = to_pixels(test.images).numpy()
     texts = {"input_ids": test.input_ids, "attention_mask": test.attention_mask}
-    fp32_image = onnx_dir / "image_encoder.onnx"
+    fp32_image = onnx_dir / tower_file(IMAGE_TOWER)
     img32 = variants.embed_images(fp32_image, pixels)
     val32 = variants.embed_images(fp32_image, val)
-    txt32 = run_chunked(make_session(onnx_dir / "text_encoder.onnx", "cpu"), texts, 128)
+    txt32 = run_chunked(make_session(onnx_dir / tower_file(TEXT_TOWER), "cpu"), texts, 128)
 
     def r1(img: np.ndarray, txt: np.ndarray) -> str:
         m = retrieval_metrics(img @ txt.T, test.image_index, [1])
@@ -127,7 +128,7 @@ def main() -> None:
     ]
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        pre_text = variants.preprocessed(onnx_dir / "text_encoder.onnx", tmp)
+        pre_text = variants.preprocessed(onnx_dir / tower_file(TEXT_TOWER), tmp)
         for i, (name, kw) in enumerate(TEXT.items()):
             path = tmp / f"text_{i}.onnx"
             quantize_dynamic(str(pre_text), str(path), weight_type=QuantType.QInt8, **kw)

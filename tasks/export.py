@@ -40,8 +40,8 @@ from xmodal_runtime.session import make_session, run_chunked
 
 log = logging.getLogger("xmodal")
 
-IMAGE_ONNX = bundle.tower_file("image_encoder")
-TEXT_ONNX = bundle.tower_file("text_encoder")
+IMAGE_ONNX = bundle.tower_file(bundle.IMAGE_TOWER)
+TEXT_ONNX = bundle.tower_file(bundle.TEXT_TOWER)
 # ONNX Runtime 1.2x reads IR versions up to 10/11 reliably; the exporter may stamp a newer one.
 MAX_IR_VERSION = 10
 

@@ -29,7 +29,7 @@ import xmodal_runtime
 from tasks.common import stage, tracking
 from tasks.common.config import MlflowParams, Params, RegisterParams
 from tasks.common.data import read_json
-from xmodal_runtime.bundle import Bundle
+from xmodal_runtime.bundle import IMAGE_TOWER, TEXT_TOWER, Bundle
 from xmodal_runtime.pyfunc import BUNDLE_ARTIFACT
 
 log = logging.getLogger("xmodal")
@@ -117,7 +117,7 @@ def model_card(lineage: dict, model_cfg: dict, params: dict, metrics: dict, expo
             m, b = v["metrics"], v["bytes"]
             lines.append(
                 f"| {name} | {m['i2t_R1']:.4f} | {m['t2i_R1']:.4f} | "
-                f"{b['image_encoder']:,} | {b['text_encoder']:,} |"
+                f"{b[IMAGE_TOWER]:,} | {b[TEXT_TOWER]:,} |"
             )
         else:
             lines.append(f"| {name} | unavailable here: {v['reason'][:80]} | | | |")

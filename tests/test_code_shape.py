@@ -4,6 +4,7 @@ and each layer importing only downward."""
 from __future__ import annotations
 
 import ast
+import re
 
 import pytest
 
@@ -68,3 +69,22 @@ def test_model_imports_no_pipeline_tools():
             (n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
         }
         assert not names & {"prefect", "dvc", "mlflow"}, path
+
+
+BUNDLE_NAME = re.compile(r"^(image|text)_encoder(\.(int8|fp16))?(\.onnx)?$")
+
+
+def test_bundle_file_names_are_spelled_only_in_the_bundle_module():
+    spelled = []
+    for folder in ("model", "tasks", "xmodal_runtime", "cli", "flows", "services", "bench"):
+        for path in (ROOT / folder).rglob("*.py"):
+            if path == ROOT / "xmodal_runtime" / "bundle.py":
+                continue
+            spelled += [
+                f"{path.relative_to(ROOT)}:{node.lineno} {node.value!r}"
+                for node in ast.walk(ast.parse(path.read_text()))
+                if isinstance(node, ast.Constant)
+                and isinstance(node.value, str)
+                and BUNDLE_NAME.match(node.value)
+            ]
+    assert not spelled, spelled

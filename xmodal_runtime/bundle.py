@@ -20,7 +20,9 @@ from typing import Any
 META_FILE = "meta.json"
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILE = "tokenizer.json"
-TOWERS = ("image_encoder", "text_encoder")
+IMAGE_TOWER = "image_encoder"
+TEXT_TOWER = "text_encoder"
+TOWERS = (IMAGE_TOWER, TEXT_TOWER)
 VARIANTS = ("fp32", "int8", "fp16")
 # Graph input and output names, fixed at export.
 IMAGE_INPUT = "pixels"

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from xmodal_runtime.bundle import IMAGE_INPUT, TEXT_INPUTS, Bundle
+from xmodal_runtime.bundle import IMAGE_INPUT, IMAGE_TOWER, TEXT_INPUTS, TEXT_TOWER, Bundle
 from xmodal_runtime.images import ImageSource, load_image, to_pixels
 from xmodal_runtime.session import make_session, run_chunked
 from xmodal_runtime.text import TextTokenizer
@@ -28,8 +28,8 @@ class Encoder:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         self.variant, self.provider_request, self.threads = variant, provider, threads
         self.chunk_size = chunk_size
-        self._image_path = self.bundle.tower("image_encoder", variant)
-        self._text_path = self.bundle.tower("text_encoder", variant)
+        self._image_path = self.bundle.tower(IMAGE_TOWER, variant)
+        self._text_path = self.bundle.tower(TEXT_TOWER, variant)
         self._image: ort.InferenceSession | None = None
         self._text: ort.InferenceSession | None = None
         self._tokenizer: TextTokenizer | None = None

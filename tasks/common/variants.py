@@ -28,7 +28,14 @@ from onnxruntime.quantization import (
 
 from tasks.common.config import Int8Params
 from tasks.common.data import Split
-from xmodal_runtime.bundle import IMAGE_INPUT, TEXT_INPUTS, TOWERS, tower_file
+from xmodal_runtime.bundle import (
+    IMAGE_INPUT,
+    IMAGE_TOWER,
+    TEXT_INPUTS,
+    TEXT_TOWER,
+    TOWERS,
+    tower_file,
+)
 from xmodal_runtime.images import to_pixels
 from xmodal_runtime.session import make_session, run_chunked
 
@@ -121,13 +128,13 @@ def build_int8(
     layer with onnxruntime's qdq_loss_debug; docs/quantisation.md). If no k up to
     `p.max_fp32_convs` reaches the target, the best k found is kept and a warning is logged.
     """
-    fp32_image = onnx_dir / "image_encoder.onnx"
-    target = onnx_dir / tower_file("image_encoder", "int8")
+    fp32_image = onnx_dir / tower_file(IMAGE_TOWER)
+    target = onnx_dir / tower_file(IMAGE_TOWER, "int8")
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         quantize_text(
-            preprocessed(onnx_dir / "text_encoder.onnx", tmp),
-            onnx_dir / tower_file("text_encoder", "int8"),
+            preprocessed(onnx_dir / tower_file(TEXT_TOWER), tmp),
+            onnx_dir / tower_file(TEXT_TOWER, "int8"),
         )
         src, cache = preprocessed(fp32_image, tmp), tmp / "calibration.json"
         convs = conv_nodes(src)
@@ -171,7 +178,7 @@ def build_fp16(onnx_dir: Path) -> None:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     for tower in TOWERS:
-        model = onnx.load(str(onnx_dir / f"{tower}.onnx"))
+        model = onnx.load(str(onnx_dir / tower_file(tower)))
         half = convert_float_to_float16(model, keep_io_types=True)
         onnx.save(half, str(onnx_dir / tower_file(tower, "fp16")))
 
@@ -182,7 +189,7 @@ def file_sizes(onnx_dir: Path, variant: str) -> dict[str, int]:
 
 def embed_with_onnx(onnx_dir: Path, variant: str, split: Split, chunk: int = 128):
     """(image embeddings, caption embeddings) of a prepared split through ONNX Runtime."""
-    img = embed_images(onnx_dir / tower_file("image_encoder", variant), to_pixels(split.images))
-    txt_sess = make_session(onnx_dir / tower_file("text_encoder", variant), "cpu")
+    img = embed_images(onnx_dir / tower_file(IMAGE_TOWER, variant), to_pixels(split.images))
+    txt_sess = make_session(onnx_dir / tower_file(TEXT_TOWER, variant), "cpu")
     feeds = dict(zip(TEXT_INPUTS, (split.input_ids, split.attention_mask), strict=True))
     return img, run_chunked(txt_sess, feeds, chunk)
