@@ -121,3 +121,36 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def export_tiny_bundle(root: Path, variants: list[str]) -> Path:
+    """Ingest, preprocess, an untrained tiny model (seed 0) and its export under `root`:
+    raw/, prep/, train/, onnx/ (the bundle, returned) and export.json."""
+    import torch
+
+    from tasks.common.checkpoint import CHECKPOINT, build_model
+    from tasks.common.config import ExportParams, IngestParams, PreprocessParams, validate
+    from tasks.export import export
+    from tasks.ingest import ingest
+    from tasks.preprocess import preprocess
+
+    params = validate(tiny_params_dict())
+    ingest(IngestParams(num_images=16, image_size=40), root / "raw")
+    preprocess(
+        PreprocessParams(image_size=32, max_length=16, test_fraction=0.25),
+        None,
+        root / "raw",
+        root / "prep",
+    )
+    torch.manual_seed(0)
+    net = build_model(params.model, root / "prep")
+    (root / "train").mkdir()
+    torch.save(net.checkpoint(params_hash="test"), root / "train" / CHECKPOINT)
+    export(
+        ExportParams(variants=variants),
+        root / "train",
+        root / "prep",
+        root / "onnx",
+        root / "export.json",
+    )
+    return root / "onnx"

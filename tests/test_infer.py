@@ -11,17 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tasks.common.checkpoint import CHECKPOINT, build_model
-from tasks.common.config import ExportParams, InferParams, IngestParams, PreprocessParams
+from tasks.common.config import ExportParams, InferParams
 from tasks.common.registry import resolve_model
-from tasks.export import check_parity, export
+from tasks.export import check_parity
 from tasks.infer import infer
-from tasks.ingest import ingest
-from tasks.preprocess import preprocess
 from xmodal_runtime.bundle import BundleError
 from xmodal_runtime.retrieval import TopK
 
-from .conftest import tiny_params_dict
+from .conftest import export_tiny_bundle
 
 
 def test_topk_streaming_matches_brute_force():
@@ -37,28 +34,8 @@ def test_topk_streaming_matches_brute_force():
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> Path:
-    from tasks.common.config import validate
-
     root = tmp_path_factory.mktemp("export")
-    params = validate(tiny_params_dict())
-    ingest(IngestParams(num_images=16, image_size=40), root / "raw")
-    preprocess(
-        PreprocessParams(image_size=32, max_length=16, test_fraction=0.25),
-        None,
-        root / "raw",
-        root / "prep",
-    )
-    torch.manual_seed(0)
-    net = build_model(params.model, root / "prep")
-    (root / "train").mkdir()
-    torch.save(net.checkpoint(params_hash="test"), root / "train" / CHECKPOINT)
-    export(
-        ExportParams(variants=["int8", "fp16"]),
-        root / "train",
-        root / "prep",
-        root / "onnx",
-        root / "export.json",
-    )
+    export_tiny_bundle(root, ["int8", "fp16"])
     return root
 
 

@@ -22,7 +22,7 @@ from xmodal_runtime.images import load_image, to_pixels
 from xmodal_runtime.session import make_session
 from xmodal_runtime.text import TextTokenizer
 
-from .conftest import tiny_params_dict
+from .conftest import export_tiny_bundle
 
 TEXTS = [
     "a large red circle on the left",
@@ -38,34 +38,7 @@ TEXTS = [
 
 def build_bundle(root: Path) -> Path:
     """A tiny exported bundle (fp32 + int8) from a random untrained tiny model, at root/"onnx"."""
-    import torch
-
-    from tasks.common.checkpoint import CHECKPOINT, build_model
-    from tasks.common.config import ExportParams, IngestParams, PreprocessParams, validate
-    from tasks.export import export
-    from tasks.ingest import ingest
-    from tasks.preprocess import preprocess
-
-    params = validate(tiny_params_dict())
-    ingest(IngestParams(num_images=16, image_size=40), root / "raw")
-    preprocess(
-        PreprocessParams(image_size=32, max_length=16, test_fraction=0.25),
-        None,
-        root / "raw",
-        root / "prep",
-    )
-    torch.manual_seed(0)
-    net = build_model(params.model, root / "prep")
-    (root / "train").mkdir()
-    torch.save(net.checkpoint(params_hash="test"), root / "train" / CHECKPOINT)
-    export(
-        ExportParams(variants=["int8"]),
-        root / "train",
-        root / "prep",
-        root / "onnx",
-        root / "export.json",
-    )
-    return root / "onnx"
+    return export_tiny_bundle(root, ["int8"])
 
 
 @pytest.fixture(scope="module")
