@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from tasks.common.config import MlflowParams
+from tasks.common.config import MlflowParams, flatten
 
 RUN_FILE = "run.json"
 
@@ -67,15 +67,9 @@ def setup(p: MlflowParams, root: Path) -> str:
     return exp_id
 
 
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = json.dumps(v) if isinstance(v, list) else v
-    return out
+def mlflow_params(params: dict[str, Any]) -> dict[str, Any]:
+    """Dotted keys for MLflow's flat params; lists as JSON, as MLflow stores strings."""
+    return {k: json.dumps(v) if isinstance(v, list) else v for k, v in flatten(params).items()}
 
 
 @contextmanager
@@ -145,7 +139,7 @@ def training_run(
     mlflow.set_system_metrics_samples_before_logging(1)
     with mlflow.start_run(run_name=run_name, log_system_metrics=p.system_metrics) as run:
         (Path(run_dir) / RUN_FILE).write_text(json.dumps({"run_id": run.info.run_id}))
-        mlflow.log_params(flatten(params))
+        mlflow.log_params(mlflow_params(params))
         mlflow.set_tags({**tags, **git_state(root), **run_tags})
         sink = MlflowSink()
         try:
