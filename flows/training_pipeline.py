@@ -1,4 +1,4 @@
-"""The `training-pipeline` flow: ingest, preprocess, train, evaluate, export, register, infer.
+"""The `training-pipeline` flow: every stage in order, ingest to infer (STAGES).
 
 Each task asks DVC whether its stage changed and commits it to dvc.lock after running, so this
 flow and `dvc repro` share one cache and lock. Runs without a server (Prefect's ephemeral mode).
@@ -17,6 +17,7 @@ from tasks.common import stage
 from tasks.common.config import expand_presets, key_overrides
 from tasks.evaluate import evaluate_task
 from tasks.export import export_task
+from tasks.features import features_task
 from tasks.infer import infer_task
 from tasks.ingest import ingest_task
 from tasks.preprocess import preprocess_task
@@ -30,6 +31,7 @@ configure_task = task(stage.configure, name="configure", cache_policy=NONE)
 STAGES = (
     ingest_task,
     preprocess_task,
+    features_task,
     train_task,
     evaluate_task,
     export_task,

@@ -17,12 +17,9 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.fusion import CrossAttentionFusion
-from model.image_tower import ImageTower, pool
+from model.image_tower import IMAGENET_MEAN, IMAGENET_STD, ImageTower, pool
 from model.text_tower import build_text_encoder
 from model.text_tower import pool as pool_text
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -32,7 +29,7 @@ class Features:
     image: torch.Tensor  # (B, D), L2-normalised
     text: torch.Tensor  # (B, D), L2-normalised
     scale: torch.Tensor  # () exp(logit_scale), clamped
-    fmap: torch.Tensor  # (B, C, h, w) the fusion head's patch tokens (model.fusion.stage)
+    fmap: torch.Tensor | None  # (B, C, h, w) fusion's patch tokens; None from cached features
     text_hidden: torch.Tensor  # (B, L, H) text token states
     image_ms: torch.Tensor | None = None  # (B, D) multi-scale embedding, L2-normalised
 
@@ -96,9 +93,15 @@ class DualEncoder(nn.Module):
         pooled = pool_text(hidden, attention_mask, self.cfg.text.pooling)  # (B, H)
         return F.normalize(self.text_proj(pooled), dim=-1)
 
+    def pooled_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The image tower's pooled output, (B, C): what a frozen tower's feature cache holds."""
+        return pool(self.image_stages(pixels)[-1])
+
+    def project_image(self, pooled: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_proj(pooled), dim=-1)  # (B, D), L2-normalised
+
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        fmap = self.image_stages(pixels)[-1]
-        return F.normalize(self.image_proj(pool(fmap)), dim=-1)  # (B, D), L2-normalised
+        return self.project_image(self.pooled_image(pixels))
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self._project_text(self.text_states(input_ids, attention_mask), attention_mask)
@@ -119,14 +122,26 @@ class DualEncoder(nn.Module):
     def features(
         self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> Features:
-        """One pass through both towers, keeping what the optional heads need."""
-        stages = self.image_stages(pixels)
+        """One pass through both towers, keeping what the optional heads need. `pixels` may
+        instead be the pooled output of a frozen image tower, (B, C), from a feature cache;
+        the fusion and multi-scale heads need the feature maps, so they refuse it."""
         hidden = self.text_states(input_ids, attention_mask)
+        if pixels.ndim == 2:
+            if self.fusion is not None or self.ms_proj is not None:
+                raise ValueError("cached image features cannot feed the fusion or multi-scale head")
+            return Features(
+                image=self.project_image(pixels),
+                text=self._project_text(hidden, attention_mask),
+                scale=self.scale(),
+                fmap=None,
+                text_hidden=hidden,
+            )
+        stages = self.image_stages(pixels)
         image_ms = None
         if self.ms_proj is not None:
             image_ms = F.normalize(self.ms_proj(pool(stages[self.cfg.multiscale.stage])), dim=-1)
         return Features(
-            image=F.normalize(self.image_proj(pool(stages[-1])), dim=-1),
+            image=self.project_image(pool(stages[-1])),
             text=self._project_text(hidden, attention_mask),
             scale=self.scale(),
             fmap=stages[self.cfg.fusion.stage],

@@ -14,6 +14,10 @@ from torch import nn
 
 from model.config import ImageTowerConfig
 
+# The pixel statistics torchvision's ImageNet weights were trained with.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 def _resolve_enum_weights(backbone: str, name: str, allow_downloads: bool = False):
     try:

@@ -28,7 +28,7 @@ from tasks.common import optim, stage, tracking
 from tasks.common.augment import augment
 from tasks.common.checkpoint import CHECKPOINT, build_model
 from tasks.common.config import Params, TrainParams
-from tasks.common.data import Split, embed_split, load_split, to_pixels
+from tasks.common.data import Split, embed_split, embed_texts, load_features, load_split, to_pixels
 
 
 @dataclass(frozen=True)
@@ -131,8 +131,17 @@ class Batches:
     """Shuffled batches of the train split, one caption per image per step, drawn with the
     run's own generator: reproducible."""
 
-    def __init__(self, data: Split, p: TrainParams, device: torch.device) -> None:
+    def __init__(
+        self,
+        data: Split,
+        p: TrainParams,
+        device: torch.device,
+        image_features: np.ndarray | None = None,
+    ) -> None:
+        """`image_features`: a frozen image tower's cached pooled output, (N, C), fed to the image
+        head instead of pixels (the features stage)."""
         self.data, self.p, self.device = data, p, device
+        self.image_features = image_features
         self.rng = np.random.default_rng(p.seed)
         self.captions_of: list[list[int]] = [[] for _ in range(len(data))]
         for c, i in enumerate(data.image_index):
@@ -145,7 +154,10 @@ class Batches:
         size = self.p.batch_size
         idx = np.sort(order[b * size : (b + 1) * size])
         cap = np.array([c[self.rng.integers(len(c))] for c in (self.captions_of[i] for i in idx)])
-        pixels = augment(to_pixels(self.data.images[idx]), self.p.augment)
+        if self.image_features is not None:
+            pixels = torch.from_numpy(self.image_features[idx])  # (B, C) pooled, not pixels
+        else:
+            pixels = augment(to_pixels(self.data.images[idx]), self.p.augment)
         return (
             pixels.to(self.device, non_blocking=True),
             torch.from_numpy(self.data.input_ids[cap]).to(self.device),
@@ -169,10 +181,17 @@ def _record(t: Trainer, parts: dict, step: int, epoch: int, history, bar, sink, 
     return loss
 
 
-def _validate(net: DualEncoder, val: Split | None, device, sink, step: int, bar) -> None:
+def _validate(net: DualEncoder, val: Split | None, feats, device, sink, step: int, bar) -> None:
+    """Val Recall@1/5; `feats`: the val split's cached image features, if any."""
     if val is None or len(val) <= 1:
         return
-    img, txt = embed_split(net, val, 256, device)
+    if feats is None:
+        img, txt = embed_split(net, val, 256, device)
+    else:
+        with torch.no_grad():
+            net.eval()
+            img = net.project_image(torch.from_numpy(feats).to(device)).float().cpu().numpy()
+        txt = embed_texts(net, val.input_ids, val.attention_mask, 256, device)
     m = retrieval_metrics(img @ txt.T, val.image_index, ks=(1, 5))
     sink.log({f"val/{k}": v for k, v in m.items()}, step)
     bar.write(f"step {step}: val i2t_R1={m['i2t_R1']:.3f} t2i_R1={m['t2i_R1']:.3f}")
@@ -187,8 +206,10 @@ def train(
     sink: tracking.MetricSink,
     params_hash: str = "",
     run_id: str = "",
+    features: Path | None = None,
 ) -> TrainResult:
-    """Train on the prepared train split, validate each epoch, save a self-describing checkpoint."""
+    """Train on the prepared train split, validate each epoch, save a self-describing checkpoint.
+    `features`: the features stage's output; a cached frozen image tower is used from there."""
     torch.manual_seed(p.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
     if p.num_threads:
@@ -196,12 +217,14 @@ def train(
     device = select_device(p.device)
     data = load_split(prepared, "train")
     val = load_split(prepared, "val") if (prepared / "val").is_dir() else None
+    cached = load_features(features, "train", model_cfg)
+    val_cached = load_features(features, "val", model_cfg) if val is not None else None
     net = build_model(model_cfg, prepared).to(device)
     per_epoch = len(data) // p.batch_size
     if per_epoch == 0:
         raise ValueError(f"train.batch_size ({p.batch_size}) exceeds the {len(data)} train images")
     total = min(p.max_steps or p.epochs * per_epoch, p.epochs * per_epoch)
-    t, batches = build_trainer(p, net, device, total), Batches(data, p, device)
+    t, batches = build_trainer(p, net, device, total), Batches(data, p, device, cached)
     n_trainable = sum(q.numel() for q in net.parameters() if q.requires_grad)
     n_all = sum(q.numel() for q in net.parameters())
     sink.log({"model/parameters": n_all, "model/trainable_parameters": n_trainable})
@@ -225,7 +248,7 @@ def train(
                 step += 1
                 sps = len(batch[1]) / (time.perf_counter() - t0)
                 loss = _record(t, parts, step, epoch, history, bar, sink, sps)
-            _validate(net, val, device, sink, step, bar)
+            _validate(net, val, val_cached, device, sink, step, bar)
             if step >= total:
                 break
     seconds = time.perf_counter() - start
@@ -251,7 +274,7 @@ def run(params: Params, root: Path) -> TrainResult:
     with tracking.training_run(params.mlflow, root, out, everything, tags) as (run_id, sink):
         return train(
             p, params.model, root / paths.prepared, out, root / paths.train_history, sink,
-            params_hash, run_id,
+            params_hash, run_id, root / paths.features,
         )  # fmt: skip
 
 

@@ -48,6 +48,7 @@ class _Section(BaseModel):
 class PathsParams(_Section):
     raw: str = "data/raw"
     prepared: str = "data/prepared"
+    features: str = "data/features"
     train: str = "models/train"
     train_history: str = "reports/train_history.csv"
     metrics: str = "reports/metrics.json"
@@ -183,6 +184,13 @@ class TrainParams(_Section):
     augment: AugmentParams = AugmentParams()
 
 
+class FeaturesParams(_Section):
+    # Cache a frozen image tower's pooled output (train.image.trainable_blocks: 0) once per
+    # image, so that training epochs run only the text side and the heads (LiT).
+    enabled: bool = True
+    batch_size: int = Field(64, ge=1)
+
+
 class EvaluateParams(_Section):
     ks: list[int] = Field(default_factory=lambda: [1, 5, 10], min_length=1)
     batch_size: int = Field(256, ge=1)
@@ -262,7 +270,7 @@ warnings.filterwarnings("ignore", message='Field name "register"', category=User
 
 
 # The params that decide the trained weights: the sections that ingest, preprocess and train read.
-TRAINING_SECTIONS = ("ingest", "preprocess", "model", "train")
+TRAINING_SECTIONS = ("ingest", "preprocess", "model", "features", "train")
 
 
 class Params(_Section):
@@ -270,6 +278,7 @@ class Params(_Section):
     ingest: IngestParams = IngestParams()
     preprocess: PreprocessParams = PreprocessParams()
     model: ModelConfig = ModelConfig()
+    features: FeaturesParams = FeaturesParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()

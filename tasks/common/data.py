@@ -18,12 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model.config import ModelConfig
 from tasks.common.dataset import DatasetError
 
 SPLITS = ("train", "val", "test")
 TOKENIZER_DIR = "tokenizer"
 STATS_FILE = "stats.json"
 META_FILE = "meta.json"
+FEATURES_META = "meta.json"  # in paths.features, written by the features stage
 
 
 @dataclass(frozen=True)
@@ -97,3 +99,20 @@ def embed_split(net, split: Split, batch_size: int, device: torch.device | str =
         embed_images(net, split.images, batch_size, device),
         embed_texts(net, split.input_ids, split.attention_mask, batch_size, device),
     )
+
+
+def load_features(features_dir: Path | None, split: str, cfg: ModelConfig) -> np.ndarray | None:
+    """The cached pooled features of `split` when the stage wrote them for this tower, else None."""
+    if features_dir is None or not (Path(features_dir) / FEATURES_META).is_file():
+        return None
+    meta = read_json(Path(features_dir) / FEATURES_META)
+    if not meta["cached"]:
+        return None
+    built = (meta["backbone"], meta["weights"], meta["normalization"])
+    want = (cfg.image.backbone, cfg.image.weights, cfg.image.normalization)
+    if built != want:
+        raise ValueError(
+            f"{features_dir} holds features of {built}, but the model is {want}: "
+            "rerun the features stage"
+        )
+    return np.load(Path(features_dir) / f"{split}.npy")
