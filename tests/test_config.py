@@ -257,3 +257,32 @@ def test_cli_run_rejects_a_bad_preset_before_running(tmp_path: Path):
     result = CliRunner().invoke(app, ["run", "--root", str(ROOT), "-P", str(bad)])
     assert result.exit_code != 0
     assert "model.image.backbon" in result.output
+
+
+def test_stage_main_reports_bad_params_in_one_line(capsys):
+    from tasks.common import stage
+    from tasks.common.config import ConfigError
+
+    def never(params, root):
+        raise AssertionError("the stage must not run on bad params")
+
+    with pytest.raises(SystemExit) as exit_:
+        stage.main("train", never, ["--params", str(PARAMS), "-S", "train.lr=-1"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("stage train failed: ConfigError:") and "train.lr" in err, err
+    with pytest.raises(ConfigError, match="train.lr"):
+        stage.main("train", never, ["--params", str(PARAMS), "-S", "train.lr=-1", "--verbose"])
+
+
+def test_stage_main_reports_a_missing_input_in_one_line(capsys, tmp_path):
+    from tasks.common import stage
+
+    def needs_data(params, root):
+        raise FileNotFoundError(f"no manifest at {tmp_path}/raw: run the ingest stage first")
+
+    with pytest.raises(SystemExit) as exit_:
+        stage.main("preprocess", needs_data, ["--params", str(PARAMS)])
+    assert exit_.value.code == 2
+    assert "run the ingest stage first" in capsys.readouterr().err

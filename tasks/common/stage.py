@@ -118,6 +118,10 @@ def run_stage(name: str, fn: StageFn, root: Path | str = ".", force: bool = Fals
     return StageOutcome(name, False, time.perf_counter() - start, result)
 
 
+# What bad input raises: invalid params, malformed data, missing inputs, undecodable files.
+USER_ERRORS = (ValueError, OSError)
+
+
 def main(name: str, fn: StageFn, argv: list[str] | None = None) -> Any:
     """`python -m tasks.<name>`: what a DVC stage runs. Presets (-P) and overrides (-S) are for
     runs outside DVC; they are not written to params.yaml."""
@@ -143,10 +147,19 @@ def main(name: str, fn: StageFn, argv: list[str] | None = None) -> Any:
         metavar="KEY=VALUE",
         help="override a param by dotted key, e.g. -S train.lr=0.001 (repeatable)",
     )
+    parser.add_argument("--verbose", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    params = load_params(args.params, args.overrides, args.presets)
-    return fn(params, args.params.resolve().parent)
+    try:
+        params = load_params(args.params, args.overrides, args.presets)
+        return fn(params, args.params.resolve().parent)
+    except USER_ERRORS as err:
+        if args.verbose:
+            raise
+        # One line naming the problem (bad params, data or a missing upstream output); the
+        # traceback is one --verbose away.
+        message = " ".join(str(err).split())
+        parser.exit(2, f"stage {name} failed: {type(err).__name__}: {message}\n")
 
 
 def configure(root: Path | str = ".", overrides: list[str] | None = None) -> str:
