@@ -75,7 +75,6 @@ def features(
     reason = why_not_cached(p, cfg, train)
     counts: dict[str, int] = {}
     if reason is None:
-        torch.manual_seed(0)  # no randomness should be involved; make sure of it
         tower = ImageTower(cfg.image, True, cfg.allow_downloads).eval()
         if cfg.image.normalization == "imagenet":
             stats = (IMAGENET_MEAN, IMAGENET_STD)

@@ -140,6 +140,11 @@ class Batches:
     ) -> None:
         """`image_features`: a frozen image tower's cached pooled output, (N, C), fed to the image
         head instead of pixels (the features stage)."""
+        if image_features is not None and len(image_features) != len(data):
+            raise ValueError(
+                f"the features cache holds {len(image_features)} train images, the prepared "
+                f"split {len(data)}: rerun the features stage"
+            )
         self.data, self.p, self.device = data, p, device
         self.image_features = image_features
         self.rng = np.random.default_rng(p.seed)
@@ -215,10 +220,12 @@ def train(
     if p.num_threads:
         torch.set_num_threads(p.num_threads)
     device = select_device(p.device)
-    data = load_split(prepared, "train")
-    val = load_split(prepared, "val") if (prepared / "val").is_dir() else None
+    # With a cached frozen image tower the image shards are never read.
     cached = load_features(features, "train", model_cfg)
-    val_cached = load_features(features, "val", model_cfg) if val is not None else None
+    data = load_split(prepared, "train", images=cached is None)
+    has_val = (prepared / "val").is_dir()
+    val_cached = load_features(features, "val", model_cfg) if has_val else None
+    val = load_split(prepared, "val", images=val_cached is None) if has_val else None
     net = build_model(model_cfg, prepared).to(device)
     per_epoch = len(data) // p.batch_size
     if per_epoch == 0:

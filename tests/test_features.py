@@ -113,3 +113,13 @@ def test_nothing_cached_when_the_tower_trains(prepared):
     assert not result.cached and "trains" in result.reason
     assert load_features(root / "none", "train", params.model) is None
     assert sorted(p.name for p in (root / "none").iterdir()) == ["meta.json"]
+
+
+def test_cache_of_another_split_size_is_refused(prepared):
+    from tasks.train import Batches
+
+    root, params = prepared
+    data = load_split(root / "prep", "train", images=False)
+    assert data.images is None and len(data) == 30
+    with pytest.raises(ValueError, match="rerun the features stage"):
+        Batches(data, params.train, torch.device("cpu"), np.zeros((29, 1280), np.float32))

@@ -30,7 +30,7 @@ FEATURES_META = "meta.json"  # in paths.features, written by the features stage
 
 @dataclass(frozen=True)
 class Split:
-    images: np.ndarray  # (N, S, S, 3) uint8
+    images: np.ndarray | None  # (N, S, S, 3) uint8; None when loaded without images
     input_ids: np.ndarray  # (C, L) int64
     attention_mask: np.ndarray  # (C, L) int64
     image_index: np.ndarray  # (C,) caption -> image row
@@ -39,10 +39,11 @@ class Split:
     captions: list[str]
 
     def __len__(self) -> int:
-        return self.images.shape[0]
+        return len(self.image_ids)
 
 
-def load_split(prepared: Path, name: str) -> Split:
+def load_split(prepared: Path, name: str, images: bool = True) -> Split:
+    """A prepared split; `images=False` skips reading the image shards (cached features)."""
     d = Path(prepared) / name
     shards = sorted(d.glob("images_*.npy"))
     if not shards:
@@ -50,7 +51,7 @@ def load_split(prepared: Path, name: str) -> Split:
     caps = np.load(d / "captions.npz")
     index = json.loads((d / "index.json").read_text())
     return Split(
-        images=np.concatenate([np.load(s) for s in shards]),
+        images=np.concatenate([np.load(s) for s in shards]) if images else None,
         input_ids=caps["input_ids"].astype(np.int64),
         attention_mask=caps["attention_mask"].astype(np.int64),
         image_index=caps["image_index"].astype(np.int64),
