@@ -154,3 +154,23 @@ def export_tiny_bundle(root: Path, variants: list[str]) -> Path:
         root / "export.json",
     )
     return root / "onnx"
+
+
+# Tiny from-scratch towers for model-level tests (the defaults are the pretrained pair, which has
+# its own tests).
+SCRATCH_IMAGE = {"backbone": "resnet18", "weights": "none", "normalization": "dataset"}
+
+
+def scratch_text(num_layers: int = 1):
+    from model.config import TextTowerConfig
+
+    return TextTowerConfig(
+        pretrained=None,
+        vocab_size=50,
+        hidden_size=32,
+        num_layers=num_layers,
+        num_heads=2,
+        intermediate_size=64,
+        max_positions=16,
+        pooling="cls",
+    )

@@ -4,25 +4,16 @@ import pytest
 import torch
 import torchvision
 
-from model.config import ImageTowerConfig, ModelConfig, TextTowerConfig
+from model.config import ImageTowerConfig, ModelConfig
 from model.dual_encoder import DualEncoder
 from model.loss import ClipLoss
 from tasks.common.config import TrainParams
 from tasks.common.optim import param_groups
 from tasks.train import autocast_settings
 
-# Tiny from-scratch towers (the defaults are the pretrained pair; it has its own test).
-TEXT = TextTowerConfig(
-    pretrained=None,
-    vocab_size=50,
-    hidden_size=32,
-    num_layers=1,
-    num_heads=2,
-    intermediate_size=64,
-    max_positions=16,
-    pooling="cls",
-)
-SCRATCH_IMAGE = {"backbone": "resnet18", "weights": "none", "normalization": "dataset"}
+from .conftest import SCRATCH_IMAGE, scratch_text
+
+TEXT = scratch_text(num_layers=1)
 
 
 def tiny(**kw) -> DualEncoder:

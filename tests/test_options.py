@@ -21,18 +21,9 @@ from tasks.common.optim import (
     setup_temperature,
 )
 
-# Tiny from-scratch towers (the defaults are the pretrained pair; it has its own test).
-TEXT = TextTowerConfig(
-    pretrained=None,
-    vocab_size=50,
-    hidden_size=32,
-    num_layers=2,
-    num_heads=2,
-    intermediate_size=64,
-    max_positions=16,
-    pooling="cls",
-)
-SCRATCH_IMAGE = {"backbone": "resnet18", "weights": "none", "normalization": "dataset"}
+from .conftest import SCRATCH_IMAGE, scratch_text
+
+TEXT = scratch_text(num_layers=2)
 STATS = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
 
