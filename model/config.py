@@ -66,10 +66,19 @@ class MultiScaleConfig(_Strict):
     stage: int = -2
 
 
+class ProjectionConfig(_Strict):
+    """The heads mapping each tower's pooled output into the shared space."""
+
+    # linear: CLIP's single matrix; mlp: Linear-GELU-Linear (open_clip's `proj_type: mlp`).
+    kind: Literal["linear", "mlp"] = "linear"
+    hidden: int = Field(1024, ge=8)  # mlp only
+
+
 class ModelConfig(_Strict):
     image: ImageTowerConfig = ImageTowerConfig()
     text: TextTowerConfig = TextTowerConfig()
     embed_dim: int = Field(128, ge=2)
+    projection: ProjectionConfig = ProjectionConfig()
     fusion: FusionConfig = FusionConfig()
     multiscale: MultiScaleConfig = MultiScaleConfig()
     # CLIP starts the temperature at 0.07 and clamps exp(logit_scale) at 100 (Radford et al. 2021).

@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import ModelConfig
+from model.config import ModelConfig, ProjectionConfig
 from model.fusion import CrossAttentionFusion
-from model.image_tower import IMAGENET_MEAN, IMAGENET_STD, ImageTower, pool
-from model.text_tower import build_text_encoder
+from model.image_tower import IMAGENET_MEAN, IMAGENET_STD, ImageTower, pool, run_stages
+from model.text_tower import blocks as text_blocks
+from model.text_tower import build_text_encoder, run_blocks
 from model.text_tower import pool as pool_text
 
 
@@ -29,9 +30,15 @@ class Features:
     image: torch.Tensor  # (B, D), L2-normalised
     text: torch.Tensor  # (B, D), L2-normalised
     scale: torch.Tensor  # () exp(logit_scale), clamped
-    fmap: torch.Tensor | None  # (B, C, h, w) fusion's patch tokens; None from cached features
+    fmap: torch.Tensor | None  # (B, C, h, w) fusion's patch tokens; None from a cached prefix
     text_hidden: torch.Tensor  # (B, L, H) text token states
     image_ms: torch.Tensor | None = None  # (B, D) multi-scale embedding, L2-normalised
+
+
+def projection(cfg: ProjectionConfig, in_dim: int, out_dim: int) -> nn.Module:
+    if cfg.kind == "linear":
+        return nn.Linear(in_dim, out_dim, bias=False)
+    return nn.Sequential(nn.Linear(in_dim, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, out_dim))
 
 
 class DualEncoder(nn.Module):
@@ -46,8 +53,8 @@ class DualEncoder(nn.Module):
         self.visual = ImageTower(cfg.image, load_weights, cfg.allow_downloads)
         self.text = build_text_encoder(cfg.text, load_weights, cfg.allow_downloads)
         text_dim = self.text.config.hidden_size
-        self.image_proj = nn.Linear(self.visual.out_dim, cfg.embed_dim, bias=False)
-        self.text_proj = nn.Linear(text_dim, cfg.embed_dim, bias=False)
+        self.image_proj = projection(cfg.projection, self.visual.out_dim, cfg.embed_dim)
+        self.text_proj = projection(cfg.projection, text_dim, cfg.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(cfg.init_logit_scale))
         self.fusion = None
         if cfg.fusion.enabled:
@@ -93,12 +100,53 @@ class DualEncoder(nn.Module):
         pooled = pool_text(hidden, attention_mask, self.cfg.text.pooling)  # (B, H)
         return F.normalize(self.text_proj(pooled), dim=-1)
 
+    def blocks(self, tower: str) -> list[nn.Module]:
+        """A tower's blocks in input-to-output order ("image": stages; "text": BERT embeddings +
+        layers): what `train.<tower>.trainable_blocks` counts from the end."""
+        return list(self.visual.stages) if tower == "image" else text_blocks(self.text)
+
+    def frozen_blocks(self, tower: str, trainable_blocks: int | None) -> int:
+        """How many leading blocks of `tower` stay frozen when its last `trainable_blocks` train."""
+        if trainable_blocks is None:
+            return 0
+        return max(0, len(self.blocks(tower)) - trainable_blocks)
+
     def pooled_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The image tower's pooled output, (B, C): what a frozen tower's feature cache holds."""
+        """The image tower's pooled output, (B, C)."""
         return pool(self.image_stages(pixels)[-1])
+
+    def image_prefix(self, pixels: torch.Tensor, cut: int) -> torch.Tensor:
+        """The first `cut` stages' output, (B, C, h, w), or the pooled (B, C) when `cut` is every
+        stage: what a feature cache of the frozen stages holds."""
+        x = run_stages(self.visual, (pixels - self.pixel_mean) / self.pixel_std, 0, cut)
+        return pool(x) if cut == len(self.visual.stages) else x
+
+    def image_from(self, prefix: torch.Tensor, cut: int) -> torch.Tensor:
+        """The pooled output (B, C) from `image_prefix(pixels, cut)`; cut 0 takes the pixels."""
+        if cut == 0:
+            return self.pooled_image(prefix)
+        if cut == len(self.visual.stages):
+            return prefix
+        return pool(run_stages(self.visual, prefix, cut, len(self.visual.stages)))
+
+    def text_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cut: int):
+        """The token states (B, L, H) after the first `cut` (>= 1) text blocks."""
+        return run_blocks(self.text, input_ids, attention_mask, 0, cut)
+
+    def text_from(self, prefix: torch.Tensor, attention_mask: torch.Tensor, cut: int):
+        """The final token states (B, L, H) from `text_prefix(ids, mask, cut)`; cut 0 takes ids."""
+        if cut == 0:
+            return self.text_states(prefix, attention_mask)
+        return run_blocks(self.text, prefix, attention_mask, cut, len(self.blocks("text")))
 
     def project_image(self, pooled: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image_proj(pooled), dim=-1)  # (B, D), L2-normalised
+
+    def encode_image_from(self, prefix: torch.Tensor, cut: int) -> torch.Tensor:
+        return self.project_image(self.image_from(prefix, cut))
+
+    def encode_text_from(self, prefix: torch.Tensor, attention_mask: torch.Tensor, cut: int):
+        return self._project_text(self.text_from(prefix, attention_mask, cut), attention_mask)
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.project_image(self.pooled_image(pixels))
@@ -120,29 +168,31 @@ class DualEncoder(nn.Module):
         return self.encode_image(pixels), self.encode_text(input_ids, attention_mask), self.scale()
 
     def features(
-        self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self,
+        image: torch.Tensor,
+        text: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_cut: int = 0,
+        text_cut: int = 0,
     ) -> Features:
-        """One pass through both towers, keeping what the optional heads need. `pixels` may
-        instead be the pooled output of a frozen image tower, (B, C), from a feature cache;
-        the fusion and multi-scale heads need the feature maps, so they refuse it."""
-        hidden = self.text_states(input_ids, attention_mask)
-        if pixels.ndim == 2:
+        """One pass through both towers, keeping what the optional heads need. `image` is pixels,
+        or `image_prefix(pixels, image_cut)` from a feature cache; `text` is token ids, or
+        `text_prefix(ids, mask, text_cut)`. The fusion and multi-scale heads need the image
+        tower's feature maps, so they refuse a cached image prefix."""
+        hidden = self.text_from(text, attention_mask, text_cut)
+        projected_text = self._project_text(hidden, attention_mask)
+        if image_cut:
             if self.fusion is not None or self.ms_proj is not None:
-                raise ValueError("cached image features cannot feed the fusion or multi-scale head")
-            return Features(
-                image=self.project_image(pixels),
-                text=self._project_text(hidden, attention_mask),
-                scale=self.scale(),
-                fmap=None,
-                text_hidden=hidden,
-            )
-        stages = self.image_stages(pixels)
+                raise ValueError("a cached image prefix cannot feed the fusion or multi-scale head")
+            image_emb = self.encode_image_from(image, image_cut)
+            return Features(image_emb, projected_text, self.scale(), None, hidden)
+        stages = self.image_stages(image)
         image_ms = None
         if self.ms_proj is not None:
             image_ms = F.normalize(self.ms_proj(pool(stages[self.cfg.multiscale.stage])), dim=-1)
         return Features(
             image=self.project_image(pool(stages[-1])),
-            text=self._project_text(hidden, attention_mask),
+            text=projected_text,
             scale=self.scale(),
             fmap=stages[self.cfg.fusion.stage],
             text_hidden=hidden,

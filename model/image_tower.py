@@ -96,5 +96,12 @@ class ImageTower(nn.Module):
         return feats
 
 
+def run_stages(tower: ImageTower, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Stages [start, stop) of the tower: (B, C_in, H, W) in, (B, C_out, h, w) out."""
+    for stage in tower.stages[start:stop]:
+        x = stage(x)
+    return x
+
+
 def pool(fmap: torch.Tensor) -> torch.Tensor:
     return fmap.mean(dim=(2, 3))  # (B, C): global average pooling, as torchvision's heads do

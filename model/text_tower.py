@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, BertConfig, BertModel
+from transformers.masking_utils import create_bidirectional_mask
 
 from model.config import TextTowerConfig, resolve_pretrained
 
@@ -44,6 +45,30 @@ def build_text_encoder(
         attention_probs_dropout_prob=cfg.dropout,
     )
     return BertModel(config, add_pooling_layer=False)
+
+
+def blocks(encoder: nn.Module) -> list[nn.Module]:
+    """The encoder's blocks in input-to-output order: embeddings, then each layer. LiT-style
+    freezing counts these, and a frozen prefix of them is what the features stage caches."""
+    return [encoder.embeddings, *encoder.encoder.layer]
+
+
+def run_blocks(
+    encoder: nn.Module, x: torch.Tensor, attention_mask: torch.Tensor, start: int, stop: int
+) -> torch.Tensor:
+    """Blocks [start, stop) of `blocks(encoder)`: token ids (B, L) in when start is 0, else the
+    token states (B, L, H) that block start - 1 gave; token states (B, L, H) out."""
+    if start == 0:
+        x = encoder.embeddings(input_ids=x)
+    layers = encoder.encoder.layer[max(start - 1, 0) : stop - 1]
+    if len(layers):
+        # The additive (B, 1, L, L) padding mask BertModel builds for its attention implementation.
+        mask = create_bidirectional_mask(
+            config=encoder.config, inputs_embeds=x, attention_mask=attention_mask
+        )
+        for layer in layers:
+            x = layer(x, attention_mask=mask)
+    return x
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.Tensor:

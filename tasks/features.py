@@ -1,14 +1,18 @@
-"""features: a frozen image tower's pooled output, computed once per image (LiT).
+"""features: each tower's frozen prefix, computed once per image and caption (LiT).
 
-When the image tower does not train (`train.image.trainable_blocks: 0`), its output for an image
-is the same every epoch, so the stage computes it once per split and train feeds it to the image
-head instead of running the tower. DVC keys the cache: the stage depends on the prepared data
-(its version and resolution) and on the tower's params, so a changed tower, weights or
-resolution reruns it. Evaluation and export use the whole model as before.
+Blocks that do not train (`train.image.trainable_blocks`, `train.text.trainable_blocks`) give
+the same output every epoch, so the stage computes it once for the train and val splits, and
+train runs only the trainable blocks on it. For the image tower that is the output of its frozen
+stages (pooled when every stage is frozen); for the text tower, the token states after its
+frozen BERT blocks. DVC keys the cache: the stage depends on the prepared data (its version and
+resolution), the towers and their trainable depth, so a change to any of them reruns it.
+Evaluation and export use the whole model as before.
 
-Writes `<features>/meta.json` always; `{split}.npy` (N, C) float32, rows in the prepared split's
-image order, only when the cache applies. Otherwise meta.json says why not, and train runs the
-tower.
+Writes `<features>/meta.json` always, saying per tower what is cached or why not, and where a
+tower is cached, per split:
+  image_{split}.npy         (N, ...) float32, rows in the prepared split's image order
+  text_{split}.npy          (T, H) float32, every caption's real-token states, concatenated
+  text_{split}_offsets.npy  (C + 1,) caption c's rows are offsets[c]:offsets[c + 1]
 """
 
 from __future__ import annotations
@@ -24,45 +28,71 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from model.config import ModelConfig
-from model.image_tower import IMAGENET_MEAN, IMAGENET_STD, ImageTower, pool
+from model.dual_encoder import DualEncoder
 from tasks.common import stage
+from tasks.common.checkpoint import build_model
 from tasks.common.config import FeaturesParams, Params, TrainParams
-from tasks.common.data import FEATURES_META, SPLITS, STATS_FILE, load_split, read_json, to_pixels
+from tasks.common.data import FEATURES_META, Split, cache_identity, load_split, to_pixels
+
+CACHED_SPLITS = ("train", "val")  # what train reads; test is only ever scored whole
 
 
 @dataclass(frozen=True)
 class FeaturesResult:
-    cached: bool
-    reason: str
+    cuts: dict[str, int]  # frozen blocks cached per tower; 0: not cached
+    reasons: dict[str, str]  # why a tower is not cached
     counts: dict[str, int]
 
 
-def why_not_cached(p: FeaturesParams, cfg: ModelConfig, train: TrainParams) -> str | None:
-    """Why the image tower cannot be cached under these params, or None when it can."""
-    if not p.enabled:
-        return "features.enabled is false"
-    if train.image.trainable_blocks != 0:
-        return "the image tower trains (train.image.trainable_blocks is not 0)"
-    if cfg.image.weights == "none":
+def why_not_cached(p: FeaturesParams, cfg: ModelConfig, train: TrainParams) -> dict[str, str]:
+    """Per tower, why its frozen prefix cannot be cached under these params; absent when it can."""
+    reasons = {}
+    if train.image.trainable_blocks is None:
+        reasons["image"] = "the whole image tower trains (train.image.trainable_blocks is null)"
+    elif cfg.image.weights == "none":
         # Its random initial weights depend on what else train builds first: not reproducible here.
-        return "the frozen image tower is untrained (model.image.weights: none)"
-    if cfg.fusion.enabled or cfg.multiscale.enabled:
-        return "the fusion or multi-scale head needs the tower's feature maps"
-    if train.augment.crop_scale is not None or train.augment.hflip:
-        return "train.augment changes the pixels every epoch"
-    return None
+        reasons["image"] = "the frozen image stages are untrained (model.image.weights: none)"
+    elif cfg.fusion.enabled or cfg.multiscale.enabled:
+        reasons["image"] = "the fusion or multi-scale head needs the tower's feature maps"
+    elif train.augment.crop_scale is not None or train.augment.hflip:
+        reasons["image"] = "train.augment changes the pixels every epoch"
+    if train.text.trainable_blocks is None:
+        reasons["text"] = "the whole text tower trains (train.text.trainable_blocks is null)"
+    elif cfg.text.pretrained is None:
+        reasons["text"] = "the frozen text blocks are untrained (model.text.pretrained: null)"
+    if not p.enabled:
+        reasons = dict.fromkeys(("image", "text"), "features.enabled is false")
+    return reasons
 
 
 @torch.no_grad()
-def pooled_features(tower: ImageTower, stats, images: np.ndarray, batch: int) -> np.ndarray:
-    """(N, C) pooled tower output of uint8 (N, S, S, 3) images, normalised as the model does."""
-    mean = torch.tensor(stats[0], dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(stats[1], dtype=torch.float32).view(1, 3, 1, 1)
+def image_prefix(net: DualEncoder, images: np.ndarray, cut: int, batch: int) -> np.ndarray:
+    """(N, ...) output of the first `cut` image stages for uint8 (N, S, S, 3) images."""
     out = [
-        pool(tower((to_pixels(images[i : i + batch]) - mean) / std)[-1])  # as train feeds it
+        net.image_prefix(to_pixels(images[i : i + batch]), cut)
         for i in range(0, len(images), batch)
     ]
     return torch.cat(out).numpy().astype(np.float32)
+
+
+@torch.no_grad()
+def text_prefix(
+    net: DualEncoder, data: Split, cut: int, batch: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every caption's real-token states after the first `cut` text blocks, concatenated
+    ((T, H) float32), and the (C + 1,) offsets of each caption's rows."""
+    lengths = data.attention_mask.sum(1)
+    if not all(data.attention_mask[c, :n].all() for c, n in enumerate(lengths)):
+        raise ValueError("prepared captions are not right-padded; the text cache needs them so")
+    rows = []
+    for i in range(0, len(lengths), batch):
+        n = lengths[i : i + batch]
+        ids = torch.from_numpy(data.input_ids[i : i + batch, : n.max()])
+        mask = torch.from_numpy(data.attention_mask[i : i + batch, : n.max()])
+        hidden = net.text_prefix(ids, mask, cut)  # (B, L, H)
+        rows += [hidden[r, :k] for r, k in enumerate(n)]
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    return torch.cat(rows).numpy().astype(np.float32), offsets
 
 
 def features(
@@ -72,31 +102,38 @@ def features(
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    reason = why_not_cached(p, cfg, train)
+    reasons = why_not_cached(p, cfg, train)
+    cuts = dict.fromkeys(("image", "text"), 0)
     counts: dict[str, int] = {}
-    if reason is None:
-        tower = ImageTower(cfg.image, True, cfg.allow_downloads).eval()
-        if cfg.image.normalization == "imagenet":
-            stats = (IMAGENET_MEAN, IMAGENET_STD)
-        else:
-            s = read_json(Path(prepared) / STATS_FILE)
-            stats = (s["mean"], s["std"])
-        for name in SPLITS:
-            if not (Path(prepared) / name).is_dir():
-                continue
-            feats = pooled_features(tower, stats, load_split(prepared, name).images, p.batch_size)
-            np.save(out / f"{name}.npy", feats)
-            counts[name] = len(feats)
+    if len(reasons) < 2:
+        net = build_model(cfg, Path(prepared)).eval()
+        for tower, blocks in (("image", train.image), ("text", train.text)):
+            if tower not in reasons:
+                cuts[tower] = net.frozen_blocks(tower, blocks.trainable_blocks)
+                if cuts[tower] == 0:
+                    reasons[tower] = f"train.{tower}.trainable_blocks covers every block"
+        for name in CACHED_SPLITS:
+            if (Path(prepared) / name).is_dir():
+                counts[name] = _cache_split(net, cuts, Path(prepared), name, p.batch_size, out)
     meta = {
-        "cached": reason is None,
-        "reason": reason or "",
-        "backbone": cfg.image.backbone,
-        "weights": cfg.image.weights,
-        "normalization": cfg.image.normalization,
+        "image": {"cut": cuts["image"], "reason": reasons.get("image", "")},
+        "text": {"cut": cuts["text"], "reason": reasons.get("text", "")},
+        **cache_identity(cfg),
         "counts": counts,
     }
     (out / FEATURES_META).write_text(json.dumps(meta, indent=2))
-    return FeaturesResult(reason is None, reason or "", counts)
+    return FeaturesResult(cuts, reasons, counts)
+
+
+def _cache_split(net: DualEncoder, cuts: dict, prepared: Path, name: str, batch: int, out: Path):
+    data = load_split(prepared, name, images=bool(cuts["image"]))
+    if cuts["image"]:
+        np.save(out / f"image_{name}.npy", image_prefix(net, data.images, cuts["image"], batch))
+    if cuts["text"]:
+        values, offsets = text_prefix(net, data, cuts["text"], batch)
+        np.save(out / f"text_{name}.npy", values)
+        np.save(out / f"text_{name}_offsets.npy", offsets)
+    return len(data)
 
 
 def run(params: Params, root: Path) -> FeaturesResult:

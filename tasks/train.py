@@ -28,7 +28,14 @@ from tasks.common import optim, stage, tracking
 from tasks.common.augment import augment
 from tasks.common.checkpoint import CHECKPOINT, build_model
 from tasks.common.config import Params, TrainParams
-from tasks.common.data import Split, embed_split, embed_texts, load_features, load_split, to_pixels
+from tasks.common.data import (
+    PrefixCache,
+    Split,
+    embed_split,
+    load_features,
+    load_split,
+    to_pixels,
+)
 
 
 @dataclass(frozen=True)
@@ -73,9 +80,16 @@ class Trainer:
     total: int  # optimiser steps in the whole run
     frozen: list[torch.nn.Module]
     loss_fn: ClipLoss = field(default_factory=ClipLoss)
+    cuts: tuple[int, int] = (0, 0)  # (image, text) blocks the batches arrive past (cached)
 
 
-def build_trainer(p: TrainParams, net: DualEncoder, device: torch.device, total: int) -> Trainer:
+def build_trainer(
+    p: TrainParams,
+    net: DualEncoder,
+    device: torch.device,
+    total: int,
+    cuts: tuple[int, int] = (0, 0),
+) -> Trainer:
     """Freezing, temperature mode, loss weighting, AdamW groups, warmup + cosine schedule, AMP."""
     frozen = optim.freeze(net, p)
     optim.setup_temperature(net, p.temperature)
@@ -89,26 +103,27 @@ def build_trainer(p: TrainParams, net: DualEncoder, device: torch.device, total:
     sched = get_cosine_schedule_with_warmup(opt, min(p.warmup_steps, total // 2), total)
     amp_dtype, use_scaler = autocast_settings(p.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    return Trainer(net, p, opt, sched, scaler, weighting, amp_dtype, total, frozen)
+    return Trainer(net, p, opt, sched, scaler, weighting, amp_dtype, total, frozen, cuts=cuts)
 
 
 def train_step(
     t: Trainer,
-    pixels: torch.Tensor,
-    input_ids: torch.Tensor,
+    image: torch.Tensor,
+    text: torch.Tensor,
     attention_mask: torch.Tensor,
     step: int,
     epoch: float,
 ) -> dict[str, torch.Tensor]:
-    """One optimiser step on a batch (pixels (B, 3, S, S), tokens (B, L)); returns the detached
-    loss parts and their weighted sum under "total". `epoch` is fractional (loss ramp-in)."""
+    """One optimiser step on a batch: pixels (B, 3, S, S) and tokens (B, L), or the cached
+    prefixes `t.cuts` says; returns the detached loss parts and their weighted sum under
+    "total". `epoch` is fractional (loss ramp-in)."""
     net, p = t.net, t.p
     if p.temperature.mode == "scheduled":
         optim.set_temperature(net, optim.scheduled_temperature(p.temperature, step, t.total))
-    device_type = pixels.device.type
+    device_type = image.device.type
     amp = torch.autocast(device_type, dtype=t.amp_dtype) if t.amp_dtype else nullcontext()
     with amp:
-        f = net.features(pixels, input_ids, attention_mask)
+        f = net.features(image, text, attention_mask, *t.cuts)
         img, txt = f.image.float(), f.text.float()
         parts = {"contrastive": t.loss_fn(img, txt, f.scale)}
         if net.fusion is not None:
@@ -129,24 +144,23 @@ def train_step(
 
 class Batches:
     """Shuffled batches of the train split, one caption per image per step, drawn with the
-    run's own generator: reproducible."""
+    run's own generator: reproducible. Cached frozen prefixes (the features stage) replace the
+    pixels and token ids of the tower they cover."""
 
     def __init__(
-        self,
-        data: Split,
-        p: TrainParams,
-        device: torch.device,
-        image_features: np.ndarray | None = None,
+        self, data: Split, p: TrainParams, device: torch.device, cache: PrefixCache | None = None
     ) -> None:
-        """`image_features`: a frozen image tower's cached pooled output, (N, C), fed to the image
-        head instead of pixels (the features stage)."""
-        if image_features is not None and len(image_features) != len(data):
-            raise ValueError(
-                f"the features cache holds {len(image_features)} train images, the prepared "
-                f"split {len(data)}: rerun the features stage"
-            )
-        self.data, self.p, self.device = data, p, device
-        self.image_features = image_features
+        cache = cache or PrefixCache()
+        for what, cached, want in (
+            ("images", cache.image, len(data)),
+            ("captions", cache.text_offsets, len(data.input_ids) + 1),
+        ):
+            if cached is not None and len(cached) != want:
+                raise ValueError(
+                    f"the features cache does not match the prepared train {what} "
+                    f"({len(cached)} rows for {want}): rerun the features stage"
+                )
+        self.data, self.p, self.device, self.cache = data, p, device, cache
         self.rng = np.random.default_rng(p.seed)
         self.captions_of: list[list[int]] = [[] for _ in range(len(data))]
         for c, i in enumerate(data.image_index):
@@ -159,14 +173,19 @@ class Batches:
         size = self.p.batch_size
         idx = np.sort(order[b * size : (b + 1) * size])
         cap = np.array([c[self.rng.integers(len(c))] for c in (self.captions_of[i] for i in idx)])
-        if self.image_features is not None:
-            pixels = torch.from_numpy(self.image_features[idx])  # (B, C) pooled, not pixels
+        if self.cache.image is not None:
+            image = torch.from_numpy(self.cache.image[idx])  # the frozen stages' output
         else:
-            pixels = augment(to_pixels(self.data.images[idx]), self.p.augment)
+            image = augment(to_pixels(self.data.images[idx]), self.p.augment)
+        if self.cache.text is not None:
+            text, mask = self.cache.text_batch(cap)  # the frozen blocks' token states
+        else:
+            text = torch.from_numpy(self.data.input_ids[cap])
+            mask = torch.from_numpy(self.data.attention_mask[cap])
         return (
-            pixels.to(self.device, non_blocking=True),
-            torch.from_numpy(self.data.input_ids[cap]).to(self.device),
-            torch.from_numpy(self.data.attention_mask[cap]).to(self.device),
+            image.to(self.device, non_blocking=True),
+            text.to(self.device),
+            mask.to(self.device),
         )
 
 
@@ -186,17 +205,38 @@ def _record(t: Trainer, parts: dict, step: int, epoch: int, history, bar, sink, 
     return loss
 
 
-def _validate(net: DualEncoder, val: Split | None, feats, device, sink, step: int, bar) -> None:
-    """Val Recall@1/5; `feats`: the val split's cached image features, if any."""
+@torch.no_grad()
+def embed_cached(net: DualEncoder, val: Split, cache: PrefixCache, batch: int, device):
+    """L2-normalised ((N, D), (C, D)) val embeddings, through the cached prefixes where present."""
+    if cache.image is None and cache.text is None:
+        return embed_split(net, val, batch, device)
+    net.eval()
+    images, texts = [], []
+    for i in range(0, len(val), batch):
+        if cache.image is not None:
+            prefix = torch.from_numpy(cache.image[i : i + batch]).to(device)
+            images.append(net.encode_image_from(prefix, cache.image_cut).float().cpu())
+        else:
+            images.append(net.encode_image(to_pixels(val.images[i : i + batch]).to(device)).cpu())
+    for i in range(0, len(val.input_ids), batch):
+        caps = np.arange(i, min(i + batch, len(val.input_ids)))
+        if cache.text is not None:
+            hidden, mask = cache.text_batch(caps)
+            emb = net.encode_text_from(hidden.to(device), mask.to(device), cache.text_cut)
+        else:
+            ids, mask = (
+                torch.from_numpy(a[caps]).to(device) for a in (val.input_ids, val.attention_mask)
+            )
+            emb = net.encode_text(ids, mask)
+        texts.append(emb.float().cpu())
+    return torch.cat(images).numpy(), torch.cat(texts).numpy()
+
+
+def _validate(net: DualEncoder, val: Split | None, cache, device, sink, step: int, bar) -> None:
+    """Val Recall@1/5; `cache`: the val split's cached prefixes."""
     if val is None or len(val) <= 1:
         return
-    if feats is None:
-        img, txt = embed_split(net, val, 256, device)
-    else:
-        with torch.no_grad():
-            net.eval()
-            img = net.project_image(torch.from_numpy(feats).to(device)).float().cpu().numpy()
-        txt = embed_texts(net, val.input_ids, val.attention_mask, 256, device)
+    img, txt = embed_cached(net, val, cache, 256, device)
     m = retrieval_metrics(img @ txt.T, val.image_index, ks=(1, 5))
     sink.log({f"val/{k}": v for k, v in m.items()}, step)
     bar.write(f"step {step}: val i2t_R1={m['i2t_R1']:.3f} t2i_R1={m['t2i_R1']:.3f}")
@@ -220,18 +260,24 @@ def train(
     if p.num_threads:
         torch.set_num_threads(p.num_threads)
     device = select_device(p.device)
-    # With a cached frozen image tower the image shards are never read.
-    cached = load_features(features, "train", model_cfg)
-    data = load_split(prepared, "train", images=cached is None)
-    has_val = (prepared / "val").is_dir()
-    val_cached = load_features(features, "val", model_cfg) if has_val else None
-    val = load_split(prepared, "val", images=val_cached is None) if has_val else None
     net = build_model(model_cfg, prepared).to(device)
+    cuts = (
+        net.frozen_blocks("image", p.image.trainable_blocks),
+        net.frozen_blocks("text", p.text.trainable_blocks),
+    )
+    # With a cached image prefix the image shards are never read.
+    cache = load_features(features, "train", model_cfg, cuts)
+    data = load_split(prepared, "train", images=cache.image is None)
+    val, val_cache = None, PrefixCache()
+    if (prepared / "val").is_dir():
+        val_cache = load_features(features, "val", model_cfg, cuts)
+        val = load_split(prepared, "val", images=val_cache.image is None)
     per_epoch = len(data) // p.batch_size
     if per_epoch == 0:
         raise ValueError(f"train.batch_size ({p.batch_size}) exceeds the {len(data)} train images")
     total = min(p.max_steps or p.epochs * per_epoch, p.epochs * per_epoch)
-    t, batches = build_trainer(p, net, device, total), Batches(data, p, device, cached)
+    t = build_trainer(p, net, device, total, (cache.image_cut, cache.text_cut))
+    batches = Batches(data, p, device, cache)
     n_trainable = sum(q.numel() for q in net.parameters() if q.requires_grad)
     n_all = sum(q.numel() for q in net.parameters())
     sink.log({"model/parameters": n_all, "model/trainable_parameters": n_trainable})
@@ -255,7 +301,7 @@ def train(
                 step += 1
                 sps = len(batch[1]) / (time.perf_counter() - t0)
                 loss = _record(t, parts, step, epoch, history, bar, sink, sps)
-            _validate(net, val, val_cached, device, sink, step, bar)
+            _validate(net, val, val_cache, device, sink, step, bar)
             if step >= total:
                 break
     seconds = time.perf_counter() - start

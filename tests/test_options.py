@@ -249,3 +249,24 @@ def test_offline_pretrained_pair_loads_without_network(monkeypatch):
     assert torch.equal(net.visual.stages[0][0].weight, reference.features[0][0].weight)
     assert net.text.config.hidden_size == 384 and net.text.config.num_hidden_layers == 6
     assert net.text.embeddings.word_embeddings.weight.abs().sum() > 0
+
+
+# -- projection heads --------------------------------------------------------------------------
+
+
+def test_mlp_projection_heads_train_and_survive_a_checkpoint():
+    from model.config import ProjectionConfig
+
+    linear = make()
+    mlp = make(projection=ProjectionConfig(kind="mlp", hidden=32))
+    assert isinstance(linear.image_proj, torch.nn.Linear)
+    assert [type(m).__name__ for m in mlp.image_proj] == ["Linear", "GELU", "Linear"]
+    assert mlp.text_proj[0].in_features == TEXT.hidden_size and mlp.text_proj[2].out_features == 8
+    img, txt, _ = mlp(*batch())
+    torch.testing.assert_close(img.norm(dim=-1), torch.ones(4))
+    (img @ txt.T).trace().backward()
+    assert mlp.image_proj[0].weight.grad.abs().sum() > 0
+    rebuilt = DualEncoder.from_checkpoint(mlp.checkpoint())
+    mlp.eval(), rebuilt.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(*batch())[0], mlp(*batch())[0])

@@ -102,18 +102,68 @@ def embed_split(net, split: Split, batch_size: int, device: torch.device | str =
     )
 
 
-def load_features(features_dir: Path | None, split: str, cfg: ModelConfig) -> np.ndarray | None:
-    """The cached pooled features of `split` when the stage wrote them for this tower, else None."""
+@dataclass(frozen=True)
+class PrefixCache:
+    """A split's cached frozen prefixes (the features stage). A cut of 0 means that tower is not
+    cached and runs whole; otherwise its first `cut` blocks' output is here."""
+
+    image_cut: int = 0
+    image: np.ndarray | None = None  # (N, ...) DualEncoder.image_prefix of every image
+    text_cut: int = 0
+    text: np.ndarray | None = None  # (T, H) every caption's real-token states, concatenated
+    text_offsets: np.ndarray | None = None  # (C + 1,) caption c's rows: offsets[c]:offsets[c+1]
+
+    def text_batch(self, captions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token states (B, L, H) of `captions`, padded to the longest, and their mask (B, L)."""
+        starts, stops = self.text_offsets[captions], self.text_offsets[captions + 1]
+        length = int((stops - starts).max())
+        hidden = np.zeros((len(captions), length, self.text.shape[1]), np.float32)
+        mask = np.zeros((len(captions), length), np.int64)
+        for row, (a, b) in enumerate(zip(starts, stops, strict=True)):
+            hidden[row, : b - a] = self.text[a:b]
+            mask[row, : b - a] = 1
+        return torch.from_numpy(hidden), torch.from_numpy(mask)
+
+
+def cache_identity(cfg: ModelConfig) -> dict:
+    """What a cached prefix was computed by; the features stage records it in its meta.json."""
+    image, text = cfg.image, cfg.text
+    return {
+        "backbone": image.backbone,
+        "weights": image.weights,
+        "normalization": image.normalization,
+        "text_pretrained": text.pretrained,
+    }
+
+
+def load_features(
+    features_dir: Path | None, split: str, cfg: ModelConfig, cuts: tuple[int, int]
+) -> PrefixCache:
+    """The cached prefixes of `split` that the features stage wrote for this model, where they
+    apply. `cuts`: the (image, text) frozen block counts train uses; a cache built for other
+    counts or another tower is refused, not silently used."""
     if features_dir is None or not (Path(features_dir) / FEATURES_META).is_file():
-        return None
+        return PrefixCache()
     meta = read_json(Path(features_dir) / FEATURES_META)
-    if not meta["cached"]:
-        return None
-    built = (meta["backbone"], meta["weights"], meta["normalization"])
-    want = (cfg.image.backbone, cfg.image.weights, cfg.image.normalization)
-    if built != want:
+    built = {k: meta.get(k) for k in cache_identity(cfg)}
+    built_cuts = (meta["image"]["cut"], meta["text"]["cut"])
+    stale = [
+        f"{tower} prefix of {have} blocks, train freezes {want}"
+        for tower, have, want in zip(("image", "text"), built_cuts, cuts, strict=True)
+        if have and have != want
+    ]
+    if any(built_cuts) and built != cache_identity(cfg):
+        stale.append(f"towers {built}, the model is {cache_identity(cfg)}")
+    if stale:
         raise ValueError(
-            f"{features_dir} holds features of {built}, but the model is {want}: "
-            "rerun the features stage"
+            f"{features_dir} holds a stale cache ({'; '.join(stale)}): rerun the features stage"
         )
-    return np.load(Path(features_dir) / f"{split}.npy")
+    d = Path(features_dir)
+    image_cut, text_cut = built_cuts
+    return PrefixCache(
+        image_cut=image_cut,
+        image=np.load(d / f"image_{split}.npy") if image_cut else None,
+        text_cut=text_cut,
+        text=np.load(d / f"text_{split}.npy") if text_cut else None,
+        text_offsets=np.load(d / f"text_{split}_offsets.npy") if text_cut else None,
+    )

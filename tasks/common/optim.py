@@ -12,13 +12,6 @@ from model.dual_encoder import DualEncoder
 from tasks.common.config import TemperatureParams, TrainParams
 
 
-def _blocks(net: DualEncoder, tower: str) -> list[nn.Module]:
-    """A tower's blocks in input-to-output order: image stages, or BERT embeddings + layers."""
-    if tower == "image":
-        return list(net.visual.stages)
-    return [net.text.embeddings, *net.text.encoder.layer]
-
-
 def freeze(net: DualEncoder, p: TrainParams) -> list[nn.Module]:
     """Freeze all but each tower's last `trainable_blocks` blocks; return the frozen modules.
 
@@ -26,11 +19,7 @@ def freeze(net: DualEncoder, p: TrainParams) -> list[nn.Module]:
     """
     frozen: list[nn.Module] = []
     for tower, cfg in (("image", p.image), ("text", p.text)):
-        if cfg.trainable_blocks is None:
-            continue
-        blocks = _blocks(net, tower)
-        cut = max(0, len(blocks) - cfg.trainable_blocks)
-        for block in blocks[:cut]:
+        for block in net.blocks(tower)[: net.frozen_blocks(tower, cfg.trainable_blocks)]:
             block.requires_grad_(False)
             frozen.append(block)
     return frozen
