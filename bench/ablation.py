@@ -6,6 +6,10 @@ docs/ablation.md: Recall@1/5 both ways, train time and parameter count.
 
     PATH=.venv/bin:$PATH .venv/bin/python -m bench.ablation            # all variants
     PATH=.venv/bin:$PATH .venv/bin/python -m bench.ablation --only default fusion -S train.epochs=1
+
+`--variants real` runs the real-photo set (issue 13) instead: the same options plus projection
+heads and each tower's trainable depth, against whatever params.yaml holds (there, the
+real-photos preset with the Flickr photos ingested; docs/real_photos.md has the commands).
 """
 
 from __future__ import annotations
@@ -41,6 +45,24 @@ VARIANTS: dict[str, list[str]] = {
     "augment-crop-flip": ["train.augment.crop_scale=[0.7,1.0]", "train.augment.hflip=true"],
     "normalization-imagenet": ["model.image.normalization=imagenet"],
 }
+# Against presets/real-photos.yaml; cheap rows (served by the features cache) first.
+REAL_VARIANTS: dict[str, list[str]] = {
+    "preset": [],
+    "temperature-fixed": ["train.temperature.mode=fixed"],
+    "temperature-scheduled": ["train.temperature.mode=scheduled"],
+    "pooling-cls": ["model.text.pooling=cls"],
+    "pooling-max": ["model.text.pooling=max"],
+    "projection-mlp": ["model.projection.kind=mlp"],
+    "text-lr-0.0003": ["train.text.lr=0.0003"],
+    "text-dropout-0": ["model.text.dropout=0.0"],
+    "text-blocks-0": ["train.text.trainable_blocks=0"],
+    "text-blocks-4": ["train.text.trainable_blocks=4"],
+    "image-blocks-1": ["train.image.trainable_blocks=1"],
+    "multiscale-uncertainty": ["model.multiscale.enabled=true", "train.loss.weighting=uncertainty"],
+    "fusion-itm": ["model.fusion.enabled=true"],
+    "augment-crop-flip": ["train.augment.crop_scale=[0.7,1.0]", "train.augment.hflip=true"],
+}
+SETS = {"builtin": VARIANTS, "real": REAL_VARIANTS}
 
 
 def run_variant(name: str, sets: list[str]) -> dict:
@@ -70,9 +92,11 @@ def run_variant(name: str, sets: list[str]) -> dict:
         "variant": name,
         "sets": " ".join(sets) or "(defaults)",
         "i2t_R1": metrics["i2t_R1"],
-        "i2t_R5": metrics["i2t_R5"],
-        "t2i_R1": metrics["t2i_R1"],
-        "t2i_R5": metrics["t2i_R5"],
+        **{
+            f"{d}_R{k}": metrics.get(f"{d}_R{k}", float("nan"))
+            for d in ("i2t", "t2i")
+            for k in (1, 5, 10)
+        },
         "train_s": run.data.metrics.get("train/seconds", float("nan")),
         "params": int(run.data.metrics.get("model/parameters", 0)),
         "wall_s": wall,
@@ -81,21 +105,23 @@ def run_variant(name: str, sets: list[str]) -> dict:
     }
 
 
-def write_table(rows: list[dict], command: str, out: Path) -> None:
+def write_table(rows: list[dict], command: str, out: Path, title: str) -> None:
     lines = [
-        "# Ablation on the built-in dataset",
+        f"# Ablation on {title}",
         "",
         f"Produced by `{command}` on {time.strftime('%Y-%m-%d')} "
-        "(2-core CPU). Test split of the built-in data; each row is one `dvc exp run` "
+        "(2-core CPU). Test split; each row is one `dvc exp run` "
         f"(`dvc exp show`), logged to the MLflow experiment `{EXPERIMENT}`.",
         "",
-        "| variant | overrides | i2t R@1 | i2t R@5 | t2i R@1 | t2i R@5 | train s | params |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| variant | overrides | i2t R@1 / 5 / 10 | t2i R@1 / 5 / 10 | train s | wall s | params |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
+        i2t, t2i = ("{:.3f} / {:.3f} / {:.3f}".format(*(r[f"{d}_R{k}"] for k in (1, 5, 10)))
+                    for d in ("i2t", "t2i"))  # fmt: skip
         lines.append(
-            f"| {r['variant']} | `{r['sets']}` | {r['i2t_R1']:.3f} | {r['i2t_R5']:.3f} | "
-            f"{r['t2i_R1']:.3f} | {r['t2i_R5']:.3f} | {r['train_s']:.0f} | {r['params']:,} |"
+            f"| {r['variant']} | `{r['sets']}` | {i2t} | {t2i} | {r['train_s']:.0f} | "
+            f"{r['wall_s']:.0f} | {r['params']:,} |"
         )
     for r in rows:
         if r.get("rerank"):
@@ -115,7 +141,8 @@ def write_table(rows: list[dict], command: str, out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--only", nargs="*", choices=list(VARIANTS), help="variants to run")
+    ap.add_argument("--variants", choices=list(SETS), default="builtin", help="which set")
+    ap.add_argument("--only", nargs="*", help="variants of the set to run")
     ap.add_argument(
         "-S",
         "--set",
@@ -130,12 +157,18 @@ def main() -> None:
     # each one differs from the defaults by its own overrides only, and at the end.
     params_file = ROOT / "params.yaml"
     original = params_file.read_text()
+    variants = SETS[args.variants]
+    unknown = sorted(set(args.only or []) - set(variants))
+    if unknown:
+        ap.error(f"not in the {args.variants} set: {', '.join(unknown)}")
+    title = "the built-in dataset" if args.variants == "builtin" else "real photos"
     rows = []
     try:
-        for name in args.only or list(VARIANTS):
+        for name in args.only or list(variants):
             params_file.write_text(original)
-            rows.append(run_variant(name, VARIANTS[name] + args.common))
-            write_table(rows, "python bench/ablation.py " + " ".join(sys.argv[1:]), args.out)
+            rows.append(run_variant(name, variants[name] + args.common))
+            command = "python -m bench.ablation " + " ".join(sys.argv[1:])
+            write_table(rows, command, args.out, title)
     finally:
         params_file.write_text(original)
     print(args.out.read_text())
