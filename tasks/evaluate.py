@@ -1,4 +1,5 @@
-"""evaluate: image<->text Recall@K and ranks on the test split; metrics.json and plots.
+"""evaluate: image<->text Recall@K and ranks on the test split; metrics.json and plots (loss,
+Recall@K, and a grid of retrieval examples), logged to MLflow and listed as DVC plots.
 
 Multi-caption protocol: an image query is correct at K if any of its captions is in the top K.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display
 import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
 from prefect import task  # noqa: E402
 from prefect.cache_policies import NONE  # noqa: E402
 
@@ -23,7 +26,7 @@ from model.metrics import retrieval_metrics  # noqa: E402
 from tasks.common import stage, tracking  # noqa: E402
 from tasks.common.checkpoint import load_checkpoint  # noqa: E402
 from tasks.common.config import EvaluateParams, MlflowParams, Params  # noqa: E402
-from tasks.common.data import embed_split, load_split  # noqa: E402
+from tasks.common.data import Split, embed_split, load_split  # noqa: E402
 from tasks.common.rerank import rerank_metrics  # noqa: E402
 
 
@@ -71,6 +74,83 @@ def plot_recall(metrics: dict[str, float], ks: list[int], out: Path) -> Path:
     return out
 
 
+HIT, MISS = "#1a9641", "#d7191c"  # green: a correct match; red: not
+
+
+Examples = list[tuple[int, list[tuple[int, bool]]]]  # (query, [(result, correct), ...])
+
+
+def retrieval_examples(
+    sim: np.ndarray, image_index: np.ndarray, queries: int, k: int
+) -> tuple[Examples, Examples]:
+    """Top-k results of `queries` caption queries (images) and `queries` image queries
+    (captions), each marked correct or not. `sim`: (N_images, N_captions). Queries are evenly
+    spaced over the split, so the same model and data give the same examples."""
+    k = min(k, *sim.shape)
+    texts = np.linspace(0, sim.shape[1] - 1, queries).round().astype(int)
+    images = np.linspace(0, sim.shape[0] - 1, queries).round().astype(int)
+    by_text = [
+        (
+            int(c),
+            [
+                (int(i), bool(i == image_index[c]))
+                for i in np.argsort(-sim[:, c], kind="stable")[:k]
+            ],
+        )
+        for c in texts
+    ]
+    by_image = [
+        (
+            int(i),
+            [(int(c), bool(image_index[c] == i)) for c in np.argsort(-sim[i], kind="stable")[:k]],
+        )
+        for i in images
+    ]
+    return by_text, by_image
+
+
+def plot_retrieval_examples(
+    sim: np.ndarray, test: Split, out: Path, queries: int = 3, k: int = 5
+) -> Path:
+    """A grid a person can judge: captions with their top-k images, and images with their
+    top-k captions, correct matches in green."""
+    by_text, by_image = retrieval_examples(sim, test.image_index, queries, k)
+    k = len(by_text[0][1])
+    fig = plt.figure(figsize=(2.0 * (k + 1), 2.2 * 2 * queries))
+    grid = fig.add_gridspec(2 * queries, k + 1)
+    for row, (c, found) in enumerate(by_text):
+        ax = fig.add_subplot(grid[row, 0])
+        ax.text(0, 0.5, textwrap.fill(test.captions[c], 24), va="center", fontsize=8)
+        ax.set_title("text query", fontsize=8, loc="left")
+        ax.axis("off")
+        for rank, (i, hit) in enumerate(found):
+            _thumb(fig.add_subplot(grid[row, rank + 1]), test.images[i], hit)
+    for row, (i, found) in enumerate(by_image, start=queries):
+        _thumb(fig.add_subplot(grid[row, 0]), test.images[i], None)
+        ax = fig.add_subplot(grid[row, 1:])
+        ax.set_title("image query: top captions", fontsize=8, loc="left")
+        for rank, (c, hit) in enumerate(found):
+            line = f"{rank + 1}. {'✓' if hit else '✗'} {textwrap.shorten(test.captions[c], 110)}"
+            ax.text(
+                0, 1 - (rank + 0.5) / k, line, va="center", fontsize=8, color=HIT if hit else MISS
+            )
+        ax.axis("off")
+    fig.suptitle(f"Retrieval examples, test split (top {k}; green = correct)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out
+
+
+def _thumb(ax, image: np.ndarray, hit: bool | None) -> None:
+    ax.imshow(image)
+    ax.set_xticks([]), ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(hit is not None)
+        spine.set_color(HIT if hit else MISS)
+        spine.set_linewidth(4)
+
+
 def evaluate(
     p: EvaluateParams,
     train_dir: Path,
@@ -110,6 +190,7 @@ def evaluate(
     figs = [
         plot_loss(history_csv, figures / "loss.png"),
         plot_recall(m, p.ks, figures / "recall.png"),
+        plot_retrieval_examples(sim, test, figures / "retrieval_examples.png"),
     ]
     with tracking.resume_run(mlflow_p, root, train_dir / tracking.RUN_FILE):
         mlflow.log_metrics({f"test/{k}": v for k, v in m.items()})

@@ -78,6 +78,7 @@ def test_flow_writes_every_artifact(repo: Path, first_run: str):
         "reports/recall_at_k.csv",
         "reports/figures/loss.png",
         "reports/figures/recall.png",
+        "reports/figures/retrieval_examples.png",
         "models/onnx/tokenizer/tokenizer.json",
         "outputs/infer/image_embeddings.parquet",
         "outputs/infer/text_embeddings.parquet",
@@ -119,7 +120,8 @@ def test_flow_report_artifact_content(repo: Path, first_run: str):
     md, table = markdown_report(repo)
     assert [row["K"] for row in table] == [1, 5, 10]
     assert "ONNX parity: **passed**" in md and "models:/xmodal-dual-encoder/1" in md
-    assert md.count("data:image/png;base64,") == 2
+    assert md.count("data:image/png;base64,") == 3  # loss, recall, retrieval examples
+    assert "![retrieval_examples](data:image/png;base64," in md
 
 
 def test_registered_version_with_lineage(repo: Path, first_run: str):

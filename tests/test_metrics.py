@@ -49,3 +49,23 @@ def test_rejects_mismatched_shapes_and_uncaptioned_images():
         retrieval_metrics(np.zeros((2, 3)), np.array([0, 1]))
     with pytest.raises(ValueError, match="without any caption"):
         retrieval_metrics(np.zeros((3, 2)), np.array([0, 1]))
+
+
+def test_retrieval_examples_rank_and_mark_by_hand():
+    from tasks.evaluate import retrieval_examples
+
+    cap_img = np.array([0, 0, 1, 1, 2, 2])  # captions 2i, 2i+1 describe image i
+    sim = np.array(
+        [
+            [0.9, 0.1, 0.8, 0.0, 0.3, 0.2],
+            [0.2, 0.7, 0.1, 0.6, 0.0, 0.4],
+            [0.1, 0.3, 0.5, 0.2, 0.9, 0.1],
+        ]
+    )
+    by_text, by_image = retrieval_examples(sim, cap_img, queries=2, k=2)
+    # Caption queries 0 and 5 (evenly spaced); caption 5's own image 2 ranks last, outside k.
+    assert by_text == [(0, [(0, True), (1, False)]), (5, [(1, False), (0, False)])]
+    # Image queries 0 and 2; each one's second caption is image 1's.
+    assert by_image == [(0, [(0, True), (2, False)]), (2, [(4, True), (2, False)])]
+    # k larger than the split is cut to it.
+    assert len(retrieval_examples(sim, cap_img, queries=1, k=10)[0][0][1]) == 3
