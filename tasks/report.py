@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -49,6 +50,11 @@ def markdown_report(root: Path) -> tuple[str, list[dict]]:
     return "\n".join(lines), table
 
 
+def artifact_key(name: str) -> str:
+    """Prefect accepts only lowercase letters, digits and dashes in artifact keys."""
+    return re.sub(r"[^a-z0-9-]+", "-", name.lower())
+
+
 def mlflow_links(uri: str, reg: dict) -> str:
     """Links into the MLflow UI when the store is a tracking server, else the plain ids."""
     run, model = f"run `{reg['run_id']}`", f"model `models:/{reg['model_name']}/{reg['version']}`"
@@ -83,4 +89,6 @@ def report_task(root: str = ".") -> None:
     create_markdown_artifact(md, key="xmodal-report", description="metrics, parity, MLflow links")
     create_table_artifact(table, key="xmodal-recall", description="test Recall@K")
     for name, url in plot_urls(Path(root).resolve()).items():
-        create_image_artifact(url, key=f"xmodal-plot-{name}", description=f"{name} plot (MLflow)")
+        create_image_artifact(
+            url, key=artifact_key(f"xmodal-plot-{name}"), description=f"{name} plot (MLflow)"
+        )

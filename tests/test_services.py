@@ -205,14 +205,14 @@ def test_flow_run_artifacts_include_plots_served_by_mlflow(services: Services, d
     req.add_header("Content-Type", "application/json")
     with urllib.request.urlopen(req, timeout=10) as r:
         artifacts = {a["key"]: a for a in json.loads(r.read())}
-    assert {"xmodal-report", "xmodal-recall", "xmodal-plot-loss", "xmodal-plot-recall"} <= set(
-        artifacts
-    ), sorted(artifacts)
+    plots = {f"xmodal-plot-{n}" for n in ("loss", "recall", "retrieval-examples")}
+    assert {"xmodal-report", "xmodal-recall", *plots} <= set(artifacts), sorted(artifacts)
     assert "ONNX parity: **passed**" in artifacts["xmodal-report"]["data"]
-    plot = artifacts["xmodal-plot-loss"]
-    assert plot["type"] == "image" and plot["data"].startswith(services.mlflow_uri)
-    with urllib.request.urlopen(plot["data"], timeout=10) as r:
-        assert r.read(8) == b"\x89PNG\r\n\x1a\n"
+    for key in plots:
+        plot = artifacts[key]
+        assert plot["type"] == "image" and plot["data"].startswith(services.mlflow_uri)
+        with urllib.request.urlopen(plot["data"], timeout=10) as r:
+            assert r.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_failed_stage_fails_the_flow_with_its_message(services: Services, deployment_run):
