@@ -31,7 +31,8 @@ from tasks.common.config import Params, TrainParams
 from tasks.common.data import (
     PrefixCache,
     Split,
-    embed_split,
+    embed_images,
+    embed_texts,
     load_features,
     load_split,
     to_pixels,
@@ -208,28 +209,23 @@ def _record(t: Trainer, parts: dict, step: int, epoch: int, history, bar, sink, 
 @torch.no_grad()
 def embed_cached(net: DualEncoder, val: Split, cache: PrefixCache, batch: int, device):
     """L2-normalised ((N, D), (C, D)) val embeddings, through the cached prefixes where present."""
-    if cache.image is None and cache.text is None:
-        return embed_split(net, val, batch, device)
     net.eval()
-    images, texts = [], []
-    for i in range(0, len(val), batch):
-        if cache.image is not None:
-            prefix = torch.from_numpy(cache.image[i : i + batch]).to(device)
-            images.append(net.encode_image_from(prefix, cache.image_cut).float().cpu())
-        else:
-            images.append(net.encode_image(to_pixels(val.images[i : i + batch]).to(device)).cpu())
-    for i in range(0, len(val.input_ids), batch):
-        caps = np.arange(i, min(i + batch, len(val.input_ids)))
-        if cache.text is not None:
-            hidden, mask = cache.text_batch(caps)
-            emb = net.encode_text_from(hidden.to(device), mask.to(device), cache.text_cut)
-        else:
-            ids, mask = (
-                torch.from_numpy(a[caps]).to(device) for a in (val.input_ids, val.attention_mask)
-            )
-            emb = net.encode_text(ids, mask)
-        texts.append(emb.float().cpu())
-    return torch.cat(images).numpy(), torch.cat(texts).numpy()
+    if cache.image is None:
+        img = embed_images(net, val.images, batch, device)
+    else:
+        img = torch.cat([
+            net.encode_image_from(torch.from_numpy(cache.image[i : i + batch]).to(device),
+                                  cache.image_cut).float().cpu()
+            for i in range(0, len(val), batch)
+        ]).numpy()  # fmt: skip
+    if cache.text is None:
+        return img, embed_texts(net, val.input_ids, val.attention_mask, batch, device)
+    n = len(val.input_ids)
+    txt = []
+    for caps in (np.arange(i, min(i + batch, n)) for i in range(0, n, batch)):
+        hidden, mask = cache.text_batch(caps)
+        txt.append(net.encode_text_from(hidden.to(device), mask.to(device), cache.text_cut))
+    return img, torch.cat(txt).float().cpu().numpy()
 
 
 def _validate(net: DualEncoder, val: Split | None, cache, device, sink, step: int, bar) -> None:
