@@ -1,196 +1,144 @@
-"""ingest: materialise a captioned-image dataset in COCO captions layout plus a manifest.
+"""ingest: validate every input item, quarantine what fails, materialise the rest.
 
 Sources: the built-in procedural dataset, a COCO captions folder, or an `image,caption` CSV
-(Flickr8k / OpenCLIP layout). All three end as `images/` + `captions.json` read by one COCO
-reader, and `manifest.jsonl` (image id, relative path, captions, sha256). DVC versions the folder;
-its md5 in dvc.lock is the data version.
+(Flickr8k / OpenCLIP layout), read by tasks/common/sources.py. Each sample is checked on a process
+pool (tasks/common/samples.py): its path stays inside the source root, it decodes fully, it is
+under `max_pixels`, it has a caption. Accepted samples end as `images/` + `captions.json` (COCO
+layout) and `manifest.jsonl` (image id, relative path, captions, sha256); each refused item is a
+line of the quarantine report. DVC versions the folder; its md5 in dvc.lock is the data version.
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
 import json
+import logging
 import shutil
-from collections import defaultdict
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NONE
 
-from tasks.common import stage, synthetic
+from tasks.common import stage
 from tasks.common.config import CocoSource, CsvSource, IngestParams, Params
-from tasks.common.dataset import (
-    CAPTIONS_FILE,
-    IMAGES_DIR,
-    MANIFEST_FILE,
-    DatasetError,
-    Record,
-)
+from tasks.common.dataset import CAPTIONS_FILE, IMAGES_DIR, MANIFEST_FILE, DatasetError, Record
+from tasks.common.samples import Accepted, Candidate, Reject, check_all
+from tasks.common.sources import events
+
+log = logging.getLogger("xmodal")
 
 
 @dataclass(frozen=True)
 class IngestResult:
+    input_items: int
+    accepted: int
+    quarantined: int
     num_images: int
     num_captions: int
+    quarantine: str
     out: str
 
 
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+class _Quarantine:
+    """The quarantine report: one JSON line per refused input item."""
+
+    def __init__(self, f):
+        self.f, self.count, self.input_items = f, 0, 0
+
+    def add(self, r: Reject) -> None:
+        self.f.write(json.dumps(r.line()) + "\n")
+        self.count += 1
+
+    def candidates(self, stream) -> Candidate:
+        """The candidates of a source's events; its rejects go straight to the report."""
+        for e in stream:
+            self.input_items += 1 if isinstance(e, Reject) else len(e.items)
+            if isinstance(e, Reject):
+                self.add(e)
+            else:
+                yield e
 
 
-def write_coco(out: Path, images: list[dict], annotations: list[dict]) -> Path:
-    path = out / CAPTIONS_FILE
-    path.write_text(json.dumps({"images": images, "annotations": annotations}, indent=0))
-    return path
+def _write_coco(out: Path, samples: list[Accepted]) -> None:
+    images = [{"id": a.image_id, "file_name": a.name} for a in samples]
+    pairs = [(a.image_id, c) for a in samples for c in a.captions]
+    annotations = [{"id": n, "image_id": i, "caption": c} for n, (i, c) in enumerate(pairs)]
+    (out / CAPTIONS_FILE).write_text(json.dumps({"images": images, "annotations": annotations}))
 
 
-def read_coco(images_dir: Path, captions_json: Path) -> list[Record]:
-    """Read a COCO captions file; every image must exist and have at least one caption."""
-    try:
-        data = json.loads(Path(captions_json).read_text())
-    except FileNotFoundError:
-        raise DatasetError(f"captions file not found: {captions_json}") from None
-    except json.JSONDecodeError as err:
-        raise DatasetError(f"{captions_json} is not valid JSON: {err}") from None
-    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
-        raise DatasetError(f"{captions_json}: expected COCO keys 'images' and 'annotations'")
-    captions: dict[int, list[str]] = defaultdict(list)
-    for i, ann in enumerate(data["annotations"]):
-        try:
-            text = str(ann["caption"]).strip()
-            captions[int(ann["image_id"])].append(text)
-        except (KeyError, TypeError, ValueError):
-            raise DatasetError(f"{captions_json}: annotation #{i} lacks image_id/caption") from None
-    records, missing, uncaptioned = [], [], []
-    for i, img in enumerate(data["images"]):
-        try:
-            image_id, file_name = int(img["id"]), str(img["file_name"])
-        except (KeyError, TypeError, ValueError):
-            raise DatasetError(f"{captions_json}: image entry #{i} lacks id/file_name") from None
-        path = Path(images_dir) / file_name
-        if not path.is_file():
-            missing.append(file_name)
-            continue
-        caps = [c for c in captions.get(image_id, []) if c]
-        if not caps:
-            uncaptioned.append(file_name)
-            continue
-        records.append(Record(image_id, file_name, caps, sha256_file(path)))
-    if missing:
+def _write_manifest(out: Path, samples: list[Accepted]) -> None:
+    with open(out / MANIFEST_FILE, "w") as f:
+        for a in samples:
+            r = Record(a.image_id, f"{IMAGES_DIR}/{a.name}", a.captions, a.sha256)
+            f.write(json.dumps(asdict(r)) + "\n")
+
+
+def _check_fraction(p: IngestParams, res: IngestResult) -> None:
+    if res.input_items == 0:
+        raise DatasetError("the source holds no items")
+    bad = res.quarantined / res.input_items
+    if bad > p.max_bad_fraction or res.accepted == 0:
         raise DatasetError(
-            f"{len(missing)} image(s) listed in {captions_json} are missing from {images_dir}: "
-            f"{missing[:5]}"
+            f"{res.quarantined} of {res.input_items} input items ({bad:.1%}) were quarantined, "
+            f"over ingest.max_bad_fraction={p.max_bad_fraction}: see {res.quarantine}"
         )
-    if uncaptioned:
-        raise DatasetError(f"{len(uncaptioned)} image(s) have no caption: {uncaptioned[:5]}")
-    known = {r.image_id for r in records}
-    orphans = sorted(set(captions) - known)
-    if orphans:
-        raise DatasetError(f"captions refer to unknown image ids: {orphans[:5]}")
-    if not records:
-        raise DatasetError(f"{captions_json} lists no images")
-    return sorted(records, key=lambda r: r.image_id)
 
 
-def _generate_builtin(p: IngestParams, out: Path) -> None:
-    images, annotations = [], []
-    for i in stage.progress(range(p.num_images), desc="ingest: generating", unit="img"):
-        img, caps = synthetic.generate(
-            i, p.seed, p.image_size, p.captions_per_image, p.min_objects, p.max_objects
-        )
-        name = f"{i:06d}.png"
-        img.save(out / IMAGES_DIR / name, format="PNG")
-        images.append({"id": i, "file_name": name, "width": p.image_size, "height": p.image_size})
-        annotations += [
-            {"id": len(annotations) + j, "image_id": i, "caption": c} for j, c in enumerate(caps)
-        ]
-    write_coco(out, images, annotations)
-
-
-def _copy_images(pairs: list[tuple[Path, str]], out: Path) -> None:
-    for src, rel in stage.progress(pairs, desc="ingest: copying", unit="img"):
-        dst = out / IMAGES_DIR / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dst)
-
-
-def _import_coco(src: CocoSource, out: Path) -> None:
-    images_dir, captions_json = Path(src.images_dir), Path(src.captions_json)
-    records = read_coco(images_dir, captions_json)  # validates before anything is copied
-    _copy_images([(images_dir / r.path, r.path) for r in records], out)
-    write_coco(
-        out,
-        [{"id": r.image_id, "file_name": r.path} for r in records],
-        [
-            {"id": n, "image_id": r.image_id, "caption": c}
-            for n, (r, c) in enumerate((r, c) for r in records for c in r.captions)
-        ],
-    )
-
-
-def read_csv_captions(path: Path, image_root: Path) -> dict[str, list[str]]:
-    """Group `image,caption` rows by image; every image must exist under image_root."""
-    if not path.is_file():
-        raise DatasetError(f"csv file not found: {path}")
-    grouped: dict[str, list[str]] = defaultdict(list)
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or not {"image", "caption"} <= set(reader.fieldnames):
-            raise DatasetError(f"{path}: header must have columns 'image' and 'caption'")
-        for line, row in enumerate(reader, start=2):
-            image, caption = (row.get("image") or "").strip(), (row.get("caption") or "").strip()
-            if not image or not caption:
-                raise DatasetError(f"{path}:{line}: empty image or caption")
-            grouped[image].append(caption)
-    if not grouped:
-        raise DatasetError(f"{path}: no rows")
-    missing = [name for name in grouped if not (image_root / name).is_file()]
-    if missing:
-        raise DatasetError(
-            f"{len(missing)} image(s) named in {path} are missing from {image_root}: {missing[:5]}"
-        )
-    return dict(grouped)
-
-
-def _import_csv(src: CsvSource, out: Path) -> None:
-    image_root = Path(src.image_root)
-    grouped = read_csv_captions(Path(src.path), image_root)
-    names = sorted(grouped)
-    _copy_images([(image_root / n, n) for n in names], out)
-    write_coco(
-        out,
-        [{"id": i, "file_name": n} for i, n in enumerate(names)],
-        [
-            {"id": k, "image_id": i, "caption": c}
-            for k, (i, c) in enumerate((i, c) for i, n in enumerate(names) for c in grouped[n])
-        ],
-    )
-
-
-def ingest(p: IngestParams, out: Path) -> IngestResult:
-    """Materialise the dataset chosen by `p.source` under `out` and write its manifest."""
-    out = Path(out)
+def ingest(
+    p: IngestParams, out: Path, quarantine: Path, summary: Path | None = None
+) -> IngestResult:
+    """Validate the source `p.source` names; write accepted samples under `out`, a line per
+    refused item to `quarantine`, the counts to `summary`. Fails only when the quarantined
+    fraction is over `p.max_bad_fraction`."""
+    out, quarantine = Path(out), Path(quarantine)
     if out.exists():
         shutil.rmtree(out)
     (out / IMAGES_DIR).mkdir(parents=True)
-    if p.source == "builtin":
-        _generate_builtin(p, out)
-    elif p.source == "coco":
-        _import_coco(p.coco, out)
-    else:
-        _import_csv(p.csv, out)
-    records = [
-        replace(r, path=f"{IMAGES_DIR}/{r.path}")
-        for r in read_coco(out / IMAGES_DIR, out / CAPTIONS_FILE)
-    ]
-    with open(out / MANIFEST_FILE, "w") as f:
-        for r in records:
-            f.write(json.dumps(asdict(r)) + "\n")
-    return IngestResult(len(records), sum(len(r.captions) for r in records), str(out))
+    quarantine.parent.mkdir(parents=True, exist_ok=True)
+    kept: list[Accepted] = []
+    with open(quarantine, "w") as f:
+        report = _Quarantine(f)
+        verdicts = check_all(report.candidates(events(p)), p.max_pixels, p.workers)
+        for cand, verdict in stage.progress(verdicts, desc="ingest: validating", unit="img"):
+            if isinstance(verdict, str):
+                for where, item in cand.items:
+                    report.add(Reject(cand.source, where, item, verdict))
+                continue
+            dst = out / IMAGES_DIR / verdict.name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(verdict.data)
+            kept.append(verdict.without_data())
+    kept.sort(key=lambda a: a.image_id)
+    _write_coco(out, kept)
+    _write_manifest(out, kept)
+    accepted = sum(a.items for a in kept)
+    if report.input_items != accepted + report.count:  # every item is kept or reported
+        raise RuntimeError(
+            f"ingest lost items: {report.input_items} in, {accepted} kept, "
+            f"{report.count} quarantined"
+        )
+    res = IngestResult(
+        report.input_items,
+        accepted,
+        report.count,
+        len(kept),
+        sum(len(a.captions) for a in kept),
+        str(quarantine),
+        str(out),
+    )
+    log.info(
+        "ingest: %d input items, %d accepted, %d quarantined (see %s)",
+        res.input_items,
+        res.accepted,
+        res.quarantined,
+        quarantine,
+    )
+    if summary is not None:
+        Path(summary).write_text(
+            json.dumps({k: v for k, v in asdict(res).items() if k != "out"}, indent=2) + "\n"
+        )
+    _check_fraction(p, res)
+    return res
 
 
 def _under(root: Path, path: str | None) -> str | None:
@@ -210,7 +158,8 @@ def run(params: Params, root: Path) -> IngestResult:
             ),
         }
     )
-    return ingest(p, root / params.paths.raw)
+    paths = params.paths
+    return ingest(p, root / paths.raw, root / paths.quarantine, root / paths.ingest_report)
 
 
 @task(

@@ -135,7 +135,7 @@ def export_tiny_bundle(root: Path, variants: list[str]) -> Path:
     from tasks.preprocess import preprocess
 
     params = validate(tiny_params_dict())
-    ingest(IngestParams(num_images=16, image_size=40), root / "raw")
+    ingest(IngestParams(num_images=16, image_size=40), root / "raw", root / "quarantine.jsonl")
     preprocess(
         PreprocessParams(image_size=32, max_length=16, test_fraction=0.25),
         None,

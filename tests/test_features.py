@@ -36,7 +36,7 @@ FROZEN = {
 def prepared(tmp_path_factory) -> tuple[Path, object]:
     root = tmp_path_factory.mktemp("features")
     params = validate(tiny_params_dict(**FROZEN))
-    ingest(params.ingest, root / "raw")
+    ingest(params.ingest, root / "raw", root / "quarantine.jsonl")
     preprocess(params.preprocess, params.model.text.pretrained, root / "raw", root / "prep")
     features(params.features, params.model, params.train, root / "prep", root / "feat")
     return root, params

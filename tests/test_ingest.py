@@ -6,7 +6,11 @@ from PIL import Image
 
 from tasks.common.config import CocoSource, CsvSource, IngestParams
 from tasks.common.dataset import DatasetError, read_manifest
-from tasks.ingest import ingest
+from tasks.ingest import ingest as _ingest
+
+
+def ingest(p: IngestParams, out: Path):
+    return _ingest(p, out, Path(f"{out}.quarantine.jsonl"))
 
 
 def _params(**kw) -> IngestParams:
@@ -23,13 +27,14 @@ def test_builtin_is_deterministic_in_coco_layout(tmp_path: Path):
     coco = json.loads((tmp_path / "a" / "captions.json").read_text())
     assert {"images", "annotations"} <= set(coco) and len(coco["annotations"]) == 60
     assert (tmp_path / "a" / ra[0].path).is_file()
+    assert Path(f"{tmp_path / 'a'}.quarantine.jsonl").read_text() == ""
     with Image.open(tmp_path / "a" / ra[0].path) as img:
         assert img.size == (48, 48)
 
 
 def test_builtin_captions_are_varied(tmp_path: Path):
-    ingest(_params(seed=1), tmp_path)
-    records = read_manifest(tmp_path)
+    ingest(_params(seed=1), tmp_path / "raw")
+    records = read_manifest(tmp_path / "raw")
     assert all(len(set(r.captions)) == 5 for r in records)
     words = {w for r in records for c in r.captions for w in c.split()}
     assert {"left", "right"} & words and len(words) > 40
@@ -43,11 +48,11 @@ def test_coco_source_on_coco_mini(tmp_path: Path, coco_mini: Path):
         images_dir=str(coco_mini / "val2017"),
         captions_json=str(coco_mini / "annotations" / "captions_val2017.json"),
     )
-    res = ingest(IngestParams(source="coco", coco=src), tmp_path)
-    records = read_manifest(tmp_path)
+    res = ingest(IngestParams(source="coco", coco=src), tmp_path / "raw")
+    records = read_manifest(tmp_path / "raw")
     assert res.num_images == 79 == len(records)
     assert all(len(r.captions) >= 5 for r in records)
-    assert records[0].path.startswith("images/") and (tmp_path / records[0].path).is_file()
+    assert records[0].path.startswith("images/") and (tmp_path / "raw" / records[0].path).is_file()
 
 
 def _csv_dataset(tmp_path: Path) -> tuple[Path, Path]:
@@ -72,14 +77,16 @@ def test_csv_source(tmp_path: Path):
     assert records[1].captions[0] == "a photo, number 1 variant 0"  # quoted commas survive
 
 
-def test_csv_missing_image_is_an_error(tmp_path: Path):
+def test_csv_missing_image_is_quarantined(tmp_path: Path):
     path, images = _csv_dataset(tmp_path)
     (images / "im2.jpg").unlink()
-    with pytest.raises(DatasetError, match="im2.jpg"):
-        ingest(
-            IngestParams(source="csv", csv=CsvSource(path=str(path), image_root=str(images))),
-            tmp_path / "o",
-        )
+    src = CsvSource(path=str(path), image_root=str(images))
+    with pytest.raises(DatasetError, match=r"5 of 15 input items .* see .*o.quarantine.jsonl"):
+        ingest(IngestParams(source="csv", csv=src), tmp_path / "o")
+    res = ingest(IngestParams(source="csv", csv=src, max_bad_fraction=0.5), tmp_path / "o")
+    assert (res.accepted, res.quarantined, res.num_images) == (10, 5, 2)
+    lines = Path(f"{tmp_path / 'o'}.quarantine.jsonl").read_text().splitlines()
+    assert all("im2.jpg" in line and "not found" in line for line in lines) and len(lines) == 5
 
 
 def test_csv_bad_header(tmp_path: Path):
@@ -97,7 +104,7 @@ def test_coco_missing_keys_and_files(tmp_path: Path):
     cap = tmp_path / "c.json"
     cap.write_text(json.dumps({"images": [{"id": 1, "file_name": "x.jpg"}], "annotations": []}))
     src = CocoSource(images_dir=str(tmp_path / "imgs"), captions_json=str(cap))
-    with pytest.raises(DatasetError, match="missing"):
+    with pytest.raises(DatasetError, match="1 of 1 input items"):
         ingest(IngestParams(source="coco", coco=src), tmp_path / "o")
     cap.write_text(json.dumps({"pictures": []}))
     with pytest.raises(DatasetError, match="'images' and 'annotations'"):

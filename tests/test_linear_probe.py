@@ -51,7 +51,11 @@ def test_early_stopping_keeps_the_best_val_epoch():
 
 def test_probe_scores_the_pipelines_test_split(tmp_path):
     raw = tmp_path / "raw"
-    ingest(IngestParams(num_images=24, image_size=40, captions_per_image=2), raw)
+    ingest(
+        IngestParams(num_images=24, image_size=40, captions_per_image=2),
+        raw,
+        raw.parent / "q.jsonl",
+    )
     result = linear_probe.main(
         [
             "--raw",
@@ -88,7 +92,7 @@ def test_probe_scores_the_pipelines_test_split(tmp_path):
 
 
 def test_probe_refuses_untrained_towers(tmp_path):
-    ingest(IngestParams(num_images=8, image_size=40), tmp_path / "raw")
+    ingest(IngestParams(num_images=8, image_size=40), tmp_path / "raw", tmp_path / "q.jsonl")
     with pytest.raises(SystemExit, match="pretrained weights"):
         linear_probe.main(["--raw", str(tmp_path / "raw"), "-S", "model.image.weights=none"])
 

@@ -28,7 +28,7 @@ def test_split_rejects_too_few_images():
 
 
 def test_preprocess_writes_shards_tokens_and_stats(tmp_path: Path):
-    ingest(IngestParams(num_images=20, image_size=48), tmp_path / "raw")
+    ingest(IngestParams(num_images=20, image_size=48), tmp_path / "raw", tmp_path / "q.jsonl")
     p = PreprocessParams(
         image_size=32, max_length=20, shard_size=6, val_fraction=0.1, test_fraction=0.2
     )
@@ -51,7 +51,7 @@ def test_preprocess_writes_shards_tokens_and_stats(tmp_path: Path):
 
 
 def test_corrupt_image_is_named(tmp_path: Path):
-    ingest(IngestParams(num_images=10, image_size=48), tmp_path / "raw")
+    ingest(IngestParams(num_images=10, image_size=48), tmp_path / "raw", tmp_path / "q.jsonl")
     victim = sorted((tmp_path / "raw" / "images").iterdir())[3]
     victim.write_bytes(b"not a png")
     with pytest.raises(DatasetError, match=victim.name):

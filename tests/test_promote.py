@@ -44,7 +44,7 @@ def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("promote")
     params = validate(tiny_params_dict())
     paths = params.paths
-    ingest(params.ingest, root / paths.raw)
+    ingest(params.ingest, root / paths.raw, root / paths.quarantine)
     preprocess(params.preprocess, None, root / paths.raw, root / paths.prepared)
     torch.manual_seed(0)
     net = build_model(params.model, root / paths.prepared)

@@ -47,6 +47,8 @@ class _Section(BaseModel):
 
 class PathsParams(_Section):
     raw: str = "data/raw"
+    quarantine: str = "reports/quarantine.jsonl"
+    ingest_report: str = "reports/ingest.json"
     prepared: str = "data/prepared"
     features: str = "data/features"
     train: str = "models/train"
@@ -78,6 +80,9 @@ class IngestParams(_Section):
     captions_per_image: int = Field(5, ge=1, le=10)
     min_objects: int = Field(1, ge=1, le=6)
     max_objects: int = Field(3, ge=1, le=6)
+    max_pixels: int = Field(89_478_485, ge=1)
+    max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    workers: int = Field(0, ge=0)
     coco: CocoSource = CocoSource()
     csv: CsvSource = CsvSource()
 

@@ -8,6 +8,7 @@ horizontal flips would corrupt the labels.
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 
@@ -235,3 +236,10 @@ def generate(index: int, seed: int, size: int, k: int, min_objects: int, max_obj
     rng = np.random.default_rng([seed, index])
     scene = sample_scene(rng, min_objects, max_objects)
     return render(scene, size, rng), captions_for(scene, k, rng)
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    """The PNG file of a generated image, as ingest stores it."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
