@@ -194,10 +194,10 @@ def main() -> None:
 
     recall = {}
     img_e, txt_e = embed_split(net, test, 128)
-    recall["pytorch"] = retrieval_metrics(img_e @ txt_e.T, test.image_index, (1,))
+    recall["pytorch"] = retrieval_metrics(img_e, txt_e, test.image_index, (1,))
     for variant in ("fp32", "int8"):
         i, t = embed_with_onnx(onnx_dir, variant, test)
-        recall[f"onnx-{variant}"] = retrieval_metrics(i @ t.T, test.image_index, (1,))
+        recall[f"onnx-{variant}"] = retrieval_metrics(i, t, test.image_index, (1,))
 
     sessions = {
         v: (

@@ -140,7 +140,7 @@ def fit(
 @torch.no_grad()
 def score(heads: Heads, test: Features) -> dict[str, float]:
     image, text, _ = heads(test.image, test.text)
-    return retrieval_metrics((image @ text.T).numpy(), test.caption_image)
+    return retrieval_metrics(image.numpy(), text.numpy(), test.caption_image)
 
 
 def cached_extract(cache: Path | None, key: dict, *args) -> Features:

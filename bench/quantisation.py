@@ -107,7 +107,7 @@ def main() -> None:
     txt32 = run_chunked(make_session(onnx_dir / tower_file(TEXT_TOWER), "cpu"), texts, 128)
 
     def r1(img: np.ndarray, txt: np.ndarray) -> str:
-        m = retrieval_metrics(img @ txt.T, test.image_index, [1])
+        m = retrieval_metrics(img, txt, test.image_index, [1])
         return f"{m['i2t_R1']:.3f} | {m['t2i_R1']:.3f}"
 
     def image_row(name: str, path: Path) -> str:

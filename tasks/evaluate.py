@@ -81,40 +81,51 @@ Examples = list[tuple[int, list[tuple[int, bool]]]]  # (query, [(result, correct
 
 
 def retrieval_examples(
-    sim: np.ndarray, image_index: np.ndarray, queries: int, k: int
+    image_emb: np.ndarray, text_emb: np.ndarray, image_index: np.ndarray, queries: int, k: int
 ) -> tuple[Examples, Examples]:
     """Top-k results of `queries` caption queries (images) and `queries` image queries
-    (captions), each marked correct or not. `sim`: (N_images, N_captions). Queries are evenly
-    spaced over the split, so the same model and data give the same examples."""
-    k = min(k, *sim.shape)
-    texts = np.linspace(0, sim.shape[1] - 1, queries).round().astype(int)
-    images = np.linspace(0, sim.shape[0] - 1, queries).round().astype(int)
+    (captions), each marked correct or not. Embeddings: (N_images, D) and (N_captions, D); only
+    the queried columns and rows of the similarity are computed. Queries are evenly spaced over
+    the split, so the same model and data give the same examples."""
+    k = min(k, len(image_emb), len(text_emb))
+    texts = np.linspace(0, len(text_emb) - 1, queries).round().astype(int)
+    images = np.linspace(0, len(image_emb) - 1, queries).round().astype(int)
+    caption_scores = image_emb @ text_emb[texts].T  # (N_images, queries)
+    image_scores = image_emb[images] @ text_emb.T  # (queries, N_captions)
     by_text = [
         (
             int(c),
             [
                 (int(i), bool(i == image_index[c]))
-                for i in np.argsort(-sim[:, c], kind="stable")[:k]
+                for i in np.argsort(-caption_scores[:, q], kind="stable")[:k]
             ],
         )
-        for c in texts
+        for q, c in enumerate(texts)
     ]
     by_image = [
         (
             int(i),
-            [(int(c), bool(image_index[c] == i)) for c in np.argsort(-sim[i], kind="stable")[:k]],
+            [
+                (int(c), bool(image_index[c] == i))
+                for c in np.argsort(-image_scores[q], kind="stable")[:k]
+            ],
         )
-        for i in images
+        for q, i in enumerate(images)
     ]
     return by_text, by_image
 
 
 def plot_retrieval_examples(
-    sim: np.ndarray, test: Split, out: Path, queries: int = 3, k: int = 5
+    image_emb: np.ndarray,
+    text_emb: np.ndarray,
+    test: Split,
+    out: Path,
+    queries: int = 3,
+    k: int = 5,
 ) -> Path:
     """A grid a person can judge: captions with their top-k images, and images with their
     top-k captions, correct matches in green."""
-    by_text, by_image = retrieval_examples(sim, test.image_index, queries, k)
+    by_text, by_image = retrieval_examples(image_emb, text_emb, test.image_index, queries, k)
     k = len(by_text[0][1])
     fig = plt.figure(figsize=(2.0 * (k + 1), 2.2 * 2 * queries))
     grid = fig.add_gridspec(2 * queries, k + 1)
@@ -167,15 +178,15 @@ def evaluate(
     test = load_split(prepared, "test")
     start = time.perf_counter()
     img, txt = embed_split(net, test, p.batch_size)
-    sim = img @ txt.T
-    m = retrieval_metrics(sim, test.image_index, ks=p.ks)
+    m = retrieval_metrics(img, txt, test.image_index, ks=p.ks)
     # Queries/s go to MLflow only: metrics.json holds deterministic figures, so that a rerun
     # with the same code, params and data reproduces it byte for byte.
-    timing = {"dual_qps": (sim.shape[0] + sim.shape[1]) / (time.perf_counter() - start)}
+    timing = {"dual_qps": (len(img) + len(txt)) / (time.perf_counter() - start)}
     m = {k: round(v, 6) for k, v in m.items()}
     report = {"test": m, "test_size": {"images": len(test), "captions": len(test.captions)}}
     if net.fusion is not None:
-        rr = rerank_metrics(net, test, sim, p.rerank_k, p.ks, p.batch_size)
+        # Only re-ranking needs the whole (N_images, N_captions) similarity: each query's top-k.
+        rr = rerank_metrics(net, test, img @ txt.T, p.rerank_k, p.ks, p.batch_size)
         timing.update({k: rr.pop(k) for k in list(rr) if k.endswith("_qps")})
         report["test_rerank"] = {k: round(v, 6) for k, v in rr.items()}
     metrics_json.parent.mkdir(parents=True, exist_ok=True)
@@ -190,7 +201,7 @@ def evaluate(
     figs = [
         plot_loss(history_csv, figures / "loss.png"),
         plot_recall(m, p.ks, figures / "recall.png"),
-        plot_retrieval_examples(sim, test, figures / "retrieval_examples.png"),
+        plot_retrieval_examples(img, txt, test, figures / "retrieval_examples.png"),
     ]
     with tracking.resume_run(mlflow_p, root, train_dir / tracking.RUN_FILE):
         mlflow.log_metrics({f"test/{k}": v for k, v in m.items()})

@@ -193,7 +193,7 @@ def build_variants(p: ExportParams, out: Path, prepared: Path) -> dict:
     test = load_split(prepared, "test")
 
     def score(img, txt):
-        m = retrieval_metrics(img @ txt.T, test.image_index, [1, 5, 10])
+        m = retrieval_metrics(img, txt, test.image_index, [1, 5, 10])
         return {k: round(v, 6) for k, v in m.items()}
 
     ref_img, ref_txt = variants.embed_with_onnx(out, "fp32", test)

@@ -61,7 +61,7 @@ def score_version(model_dir: Path, raw: Path, test_index: dict, variant: str, ks
     enc = Encoder(model_dir, variant, provider="cpu", chunk_size=128)
     img = enc.encode_images([raw / rel for rel in test_index["paths"]])
     txt = enc.encode_texts(test_index["captions"], pad_to_max_length=True)
-    return retrieval_metrics(img @ txt.T, np.asarray(test_index["image_index"]), ks)
+    return retrieval_metrics(img, txt, np.asarray(test_index["image_index"]), ks)
 
 
 def gates(cand: dict, champ: dict, parity_passed: bool, p: PromoteParams) -> list[Gate]:

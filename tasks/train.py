@@ -233,7 +233,7 @@ def _validate(net: DualEncoder, val: Split | None, cache, device, sink, step: in
     if val is None or len(val) <= 1:
         return
     img, txt = embed_cached(net, val, cache, 256, device)
-    m = retrieval_metrics(img @ txt.T, val.image_index, ks=(1, 5))
+    m = retrieval_metrics(img, txt, val.image_index, ks=(1, 5))
     sink.log({f"val/{k}": v for k, v in m.items()}, step)
     bar.write(f"step {step}: val i2t_R1={m['i2t_R1']:.3f} t2i_R1={m['t2i_R1']:.3f}")
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from model.dual_encoder import DualEncoder
-from model.metrics import retrieval_metrics
+from model.metrics import retrieval_metrics_from_scores
 from tasks.common.data import Split, to_pixels
 
 
@@ -60,7 +60,9 @@ def rerank_metrics(
         prob = _rescore(net, fmaps, hidden, mask, np.ascontiguousarray(pairs), batch)
         reranked = scores - 10.0  # everything outside the top-k stays below it, in order
         np.put_along_axis(reranked, top, 10.0 + prob.reshape(-1, kk), axis=1)
-        m = retrieval_metrics(reranked if direction == "i2t" else reranked.T, split.image_index, ks)
+        m = retrieval_metrics_from_scores(
+            reranked if direction == "i2t" else reranked.T, split.image_index, ks
+        )
         seconds = time.perf_counter() - t0 + state_seconds / 2
         out.update({key: v for key, v in m.items() if key.startswith(direction)})
         out[f"{direction}_rerank_qps"] = scores.shape[0] / seconds
