@@ -38,7 +38,7 @@ from model.loss import ClipLoss
 from model.metrics import retrieval_metrics
 from model.text_tower import pool as pool_text
 from tasks.common.config import load_params
-from tasks.common.dataset import read_manifest
+from tasks.common.dataset import iter_raw
 from tasks.preprocess import build_tokenizer, split_ids
 from xmodal_runtime.images import load_image, to_pixels
 
@@ -56,14 +56,14 @@ class Features:
 def extract(
     net: DualEncoder, tokenizer, raw: Path, records: list, size: int, max_length: int, batch: int
 ) -> Features:
-    """Frozen pooled features of `records` (manifest rows): images at `size` px, every caption."""
+    """Frozen pooled features of `records` (raw samples): images at `size` px, every caption."""
     images = []
     for start in range(0, len(records), batch):
         chunk = records[start : start + batch]
-        pixels = torch.from_numpy(to_pixels([load_image(raw / r.path, size) for r in chunk]))
+        pixels = torch.from_numpy(to_pixels([load_image(r.data, size) for r in chunk]))
         images.append(pool(net.image_stages(pixels)[-1]))  # (B, C)
-    captions = [c for r in records for c in r.captions]
-    caption_image = np.asarray([row for row, r in enumerate(records) for _ in r.captions])
+    captions = [c for r in records for c in r.record.captions]
+    caption_image = np.asarray([row for row, r in enumerate(records) for _ in r.record.captions])
     texts = []
     for start in range(0, len(captions), batch):
         tok = tokenizer(
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
         update={"image": cfg.image.model_copy(update={"normalization": "imagenet"})}
     )
     torch.manual_seed(pre.seed)
-    records = {r.image_id: r for r in read_manifest(args.raw)}
+    records = {s.record.image_id: s for s in iter_raw(args.raw)}
     splits = split_ids(list(records), pre.val_fraction, pre.test_fraction, pre.seed)
     net = DualEncoder(cfg).eval()
     tokenizer = build_tokenizer(pre, cfg.text.pretrained, [], cfg.allow_downloads)
@@ -219,8 +219,8 @@ def main(argv: list[str] | None = None) -> dict:
             "model": cfg.model_dump(mode="json"),
             "size": args.image_size,
             "max_length": pre.max_length,
-            "images": [(r.path, r.sha256) for r in recs],
-            "captions": [r.captions for r in recs],
+            "images": [(r.record.source_path, r.record.sha256) for r in recs],
+            "captions": [r.record.captions for r in recs],
         }
         feats[name] = cached_extract(
             args.cache, key, net, tokenizer, args.raw, recs, args.image_size, pre.max_length,

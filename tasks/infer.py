@@ -13,8 +13,8 @@ from prefect.cache_policies import NONE
 
 from tasks.common import stage
 from tasks.common.config import InferParams, Params
-from tasks.common.dataset import IMAGES_DIR
-from xmodal_runtime.batch import BatchResult, embed_folder
+from tasks.common.dataset import iter_raw, read_manifest
+from xmodal_runtime.batch import BatchResult, embed_folder, embed_images
 from xmodal_runtime.encoder import Encoder
 
 
@@ -36,15 +36,22 @@ def infer(
         return embed_folder(enc, images_dir, queries, out, p.top_k, files, bar.update)
 
 
+def infer_dataset(
+    p: InferParams, model_dir: Path, raw: Path, queries: list[str], out: Path
+) -> BatchResult:
+    """As `infer`, over the ingested samples streamed from their shards (ids: source paths)."""
+    enc = Encoder(model_dir, p.variant, p.provider, p.threads, p.chunk_size)
+    images = ((s.record.source_path, s.data) for s in iter_raw(raw))
+    total = read_manifest(raw)["num_images"]
+    with stage.progress(total=total, desc="infer: images", unit="img") as bar:
+        return embed_images(enc, images, queries, out, p.top_k, bar.update)
+
+
 def run(params: Params, root: Path) -> BatchResult:
     """The pipeline's demo: the params' queries against the ingested images, via the export."""
     paths = params.paths
-    return infer(
-        params.infer,
-        root / paths.onnx,
-        root / paths.raw / IMAGES_DIR,
-        params.infer.queries,
-        root / paths.infer,
+    return infer_dataset(
+        params.infer, root / paths.onnx, root / paths.raw, params.infer.queries, root / paths.infer
     )
 
 

@@ -20,8 +20,15 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from tasks.common import stage
-from tasks.common.config import CocoSource, CsvSource, IngestParams, Params
-from tasks.common.dataset import CAPTIONS_FILE, IMAGES_DIR, MANIFEST_FILE, DatasetError, Record
+from tasks.common.config import CocoSource, CsvSource, IngestParams, Params, WebDatasetSource
+from tasks.common.dataset import (
+    MANIFEST_FILE,
+    SHARD_MTIME,
+    SHARDS_DIR,
+    DatasetError,
+    Record,
+    sample_key,
+)
 from tasks.common.samples import Accepted, Candidate, Reject, check_all
 from tasks.common.sources import events
 
@@ -59,18 +66,38 @@ class _Quarantine:
                 yield e
 
 
-def _write_coco(out: Path, samples: list[Accepted]) -> None:
-    images = [{"id": a.image_id, "file_name": a.name} for a in samples]
-    pairs = [(a.image_id, c) for a in samples for c in a.captions]
-    annotations = [{"id": n, "image_id": i, "caption": c} for n, (i, c) in enumerate(pairs)]
-    (out / CAPTIONS_FILE).write_text(json.dumps({"images": images, "annotations": annotations}))
+class _Shards:
+    """Accepted samples into WebDataset tar shards of at most `samples` samples or `megabytes`."""
 
+    def __init__(self, out: Path, samples: int, megabytes: int):
+        self.out, self.samples, self.max_bytes = out, samples, megabytes * 2**20
+        self.writer, self.entries = None, []
 
-def _write_manifest(out: Path, samples: list[Accepted]) -> None:
-    with open(out / MANIFEST_FILE, "w") as f:
-        for a in samples:
-            r = Record(a.image_id, f"{IMAGES_DIR}/{a.name}", a.captions, a.sha256)
-            f.write(json.dumps(asdict(r)) + "\n")
+    def add(self, a: Accepted) -> None:
+        entry = self.entries[-1] if self.entries else None
+        if entry is None or entry["samples"] >= self.samples or entry["bytes"] >= self.max_bytes:
+            self._roll()
+        record = Record(a.image_id, a.name, a.captions, a.sha256)
+        meta = json.dumps(asdict(record)).encode()
+        self.writer.write({"__key__": sample_key(a.image_id), a.ext: a.data, "json": meta})
+        entry = self.entries[-1]
+        entry["samples"] += 1
+        entry["bytes"] += len(a.data) + len(meta)
+        entry["ids"].append(a.image_id)
+
+    def _roll(self) -> None:
+        from webdataset import TarWriter
+
+        self.close()
+        rel = f"{SHARDS_DIR}/raw-{len(self.entries):06d}.tar"
+        # encoder=False: the original bytes as they are; a fixed mtime: byte-identical reruns.
+        self.writer = TarWriter(str(self.out / rel), encoder=False, mtime=SHARD_MTIME)
+        self.entries.append({"path": rel, "samples": 0, "bytes": 0, "ids": []})
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
 
 def _check_fraction(p: IngestParams, res: IngestResult) -> None:
@@ -84,6 +111,25 @@ def _check_fraction(p: IngestParams, res: IngestResult) -> None:
         )
 
 
+def _validate_into(p: IngestParams, shards: _Shards, report: _Quarantine) -> tuple[int, int, int]:
+    """Check every candidate; shard the accepted. Returns (images, captions, items accepted)."""
+    images = captions = items = 0
+    verdicts = check_all(report.candidates(events(p)), p.max_pixels, p.workers)
+    for cand, verdict in stage.progress(verdicts, desc="ingest: validating", unit="img"):
+        if isinstance(verdict, str):
+            for where, item in cand.items:
+                report.add(Reject(cand.source, where, item, verdict))
+            continue
+        shards.add(verdict)
+        images, captions, items = (
+            images + 1,
+            captions + len(verdict.captions),
+            items + verdict.items,
+        )
+    shards.close()
+    return images, captions, items
+
+
 def ingest(
     p: IngestParams, out: Path, quarantine: Path, summary: Path | None = None
 ) -> IngestResult:
@@ -93,56 +139,41 @@ def ingest(
     out, quarantine = Path(out), Path(quarantine)
     if out.exists():
         shutil.rmtree(out)
-    (out / IMAGES_DIR).mkdir(parents=True)
+    (out / SHARDS_DIR).mkdir(parents=True)
     quarantine.parent.mkdir(parents=True, exist_ok=True)
-    kept: list[Accepted] = []
+    shards = _Shards(out, p.shard_samples, p.shard_megabytes)
     with open(quarantine, "w") as f:
         report = _Quarantine(f)
-        verdicts = check_all(report.candidates(events(p)), p.max_pixels, p.workers)
-        for cand, verdict in stage.progress(verdicts, desc="ingest: validating", unit="img"):
-            if isinstance(verdict, str):
-                for where, item in cand.items:
-                    report.add(Reject(cand.source, where, item, verdict))
-                continue
-            dst = out / IMAGES_DIR / verdict.name
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            dst.write_bytes(verdict.data)
-            kept.append(verdict.without_data())
-    kept.sort(key=lambda a: a.image_id)
-    _write_coco(out, kept)
-    _write_manifest(out, kept)
-    accepted = sum(a.items for a in kept)
+        images, captions, accepted = _validate_into(p, shards, report)
+    manifest = {"format": "webdataset", "num_images": images, "num_captions": captions}
+    (out / MANIFEST_FILE).write_text(json.dumps({**manifest, "shards": shards.entries}) + "\n")
     if report.input_items != accepted + report.count:  # every item is kept or reported
         raise RuntimeError(
             f"ingest lost items: {report.input_items} in, {accepted} kept, "
             f"{report.count} quarantined"
         )
     res = IngestResult(
-        report.input_items,
-        accepted,
-        report.count,
-        len(kept),
-        sum(len(a.captions) for a in kept),
-        str(quarantine),
-        str(out),
+        report.input_items, accepted, report.count, images, captions, str(quarantine), str(out)
     )
     log.info(
         "ingest: %d input items, %d accepted, %d quarantined (see %s)",
-        res.input_items,
-        res.accepted,
-        res.quarantined,
-        quarantine,
+        *(res.input_items, res.accepted, res.quarantined, quarantine),
     )
     if summary is not None:
-        Path(summary).write_text(
-            json.dumps({k: v for k, v in asdict(res).items() if k != "out"}, indent=2) + "\n"
-        )
+        # Counts only: no machine's absolute paths in a file git and DVC track.
+        counts = {k: v for k, v in asdict(res).items() if k not in ("out", "quarantine")}
+        Path(summary).write_text(json.dumps(counts, indent=2) + "\n")
     _check_fraction(p, res)
     return res
 
 
 def _under(root: Path, path: str | None) -> str | None:
     return None if path is None else str(root / path)  # an absolute path stays as it is
+
+
+def _under_url(root: Path, urls: str | None) -> str | None:
+    remote = urls is not None and ("://" in urls or urls.startswith("pipe:"))
+    return urls if remote else _under(root, urls)
 
 
 def run(params: Params, root: Path) -> IngestResult:
@@ -156,6 +187,7 @@ def run(params: Params, root: Path) -> IngestResult:
             "csv": CsvSource(
                 path=_under(root, table.path), image_root=_under(root, table.image_root)
             ),
+            "webdataset": WebDatasetSource(urls=_under_url(root, params.ingest.webdataset.urls)),
         }
     )
     paths = params.paths

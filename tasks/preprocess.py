@@ -1,7 +1,8 @@
 """preprocess: split by image, decode and resize once into uint8 shards, tokenise captions.
 
-Writes the prepared layout described in tasks/common/data.py. Images are decoded by the serving
-runtime's `load_image`, so training and inference see the same pixels.
+Streams the raw WebDataset shards (tasks/common/dataset.py), decodes on `preprocess.workers`
+processes, and writes the prepared layout described in tasks/common/data.py. Images are decoded
+by the serving runtime's `load_image`, so training and inference see the same pixels.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from model.config import resolve_pretrained
 from tasks.common import stage
 from tasks.common.config import Params, PreprocessParams
 from tasks.common.data import META_FILE, SPLITS, STATS_FILE, TOKENIZER_DIR
-from tasks.common.dataset import DatasetError, Record, read_manifest
-from xmodal_runtime.images import ImageError, load_image
+from tasks.common.dataset import DatasetError, RawSample, image_ids, iter_raw
+from tasks.common.decode import decode_sample
+from tasks.common.pool import ordered_map
 
 
 @dataclass(frozen=True)
@@ -91,55 +93,68 @@ def _wordpiece_vocab(captions: list[str], size: int) -> list[str]:
     return vocab
 
 
-def _decode(path: Path, size: int) -> np.ndarray:
-    try:
-        return load_image(path, size)
-    except ImageError as err:
-        raise DatasetError(str(err)) from None
+class _SplitWriter:
+    """One split's image shards (as they stream in), then its captions and index."""
 
+    def __init__(self, d: Path, shard_size: int):
+        self.d, self.shard_size = d, shard_size
+        self.buffer: list[np.ndarray] = []
+        self.records = []
+        self.shards = 0
+        self.total, self.total_sq = np.zeros(3), np.zeros(3)  # pixel sums, for train stats
 
-def _write_split(
-    name: str,
-    records: list[Record],
-    raw: Path,
-    out: Path,
-    p: PreprocessParams,
-    tokenizer: PreTrainedTokenizerBase,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Write one split; return per-channel sum and sum of squares of its pixels (for stats)."""
-    d = out / name
-    d.mkdir(parents=True)
-    total, total_sq = np.zeros(3), np.zeros(3)
-    for start in range(0, len(records), p.shard_size):
-        chunk = records[start : start + p.shard_size]
-        arr = np.stack(
-            [
-                _decode(raw / r.path, p.image_size)
-                for r in stage.progress(chunk, desc=f"preprocess: {name}", unit="img", leave=False)
-            ]
-        )  # (N, S, S, 3) uint8
-        np.save(d / f"images_{start // p.shard_size:03d}.npy", arr)
+    def add(self, sample: RawSample, pixels: np.ndarray) -> None:
+        self.records.append(sample.record)
+        self.buffer.append(pixels)
+        if len(self.buffer) == self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        self.d.mkdir(parents=True, exist_ok=True)
+        arr = np.stack(self.buffer)  # (N, S, S, 3) uint8
+        np.save(self.d / f"images_{self.shards:03d}.npy", arr)
         pix = arr.reshape(-1, 3).astype(np.float64) / 255.0
-        total += pix.sum(0)
-        total_sq += (pix**2).sum(0)
-    texts = [c for r in records for c in r.captions]
-    image_index = np.array([i for i, r in enumerate(records) for _ in r.captions], dtype=np.int32)
-    enc = tokenizer(
-        texts, padding="max_length", truncation=True, max_length=p.max_length, return_tensors="np"
-    )
-    np.savez(
-        d / "captions.npz",
-        input_ids=enc["input_ids"].astype(np.int32),
-        attention_mask=enc["attention_mask"].astype(np.int8),
-        image_index=image_index,
-    )
-    index = {
-        "image_ids": [r.image_id for r in records],
-        "paths": [r.path for r in records],
-        "captions": texts,
-    }
-    (d / "index.json").write_text(json.dumps(index))
-    return total, total_sq
+        self.total += pix.sum(0)
+        self.total_sq += (pix**2).sum(0)
+        self.shards, self.buffer = self.shards + 1, []
+
+    def finish(self, p: PreprocessParams, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.flush()
+        texts = [c for r in self.records for c in r.captions]
+        caption_image = [i for i, r in enumerate(self.records) for _ in r.captions]
+        enc = tokenizer(
+            texts,
+            padding="max_length",
+            truncation=True,
+            max_length=p.max_length,
+            return_tensors="np",
+        )
+        np.savez(
+            self.d / "captions.npz",
+            input_ids=enc["input_ids"].astype(np.int32),
+            attention_mask=enc["attention_mask"].astype(np.int8),
+            image_index=np.array(caption_image, dtype=np.int32),
+        )
+        index = {
+            "image_ids": [r.image_id for r in self.records],
+            "paths": [r.source_path for r in self.records],
+            "captions": texts,
+        }
+        (self.d / "index.json").write_text(json.dumps(index))
+
+
+def _decode_splits(
+    p: PreprocessParams, raw: Path, out: Path, splits: dict[str, list[int]]
+) -> dict[str, _SplitWriter]:
+    """Stream the raw shards once; each decoded image goes to its split's writer, in id order."""
+    split_of = {i: name for name, ids in splits.items() for i in ids}
+    writers = {name: _SplitWriter(out / name, p.shard_size) for name in SPLITS}
+    decoded = ordered_map(decode_sample, iter_raw(raw), p.workers, size=p.image_size)
+    for sample, pixels in stage.progress(decoded, desc="preprocess: decoding", unit="img"):
+        writers[split_of[sample.record.image_id]].add(sample, pixels)
+    return writers
 
 
 def preprocess(
@@ -151,28 +166,24 @@ def preprocess(
 ):
     """Split the ingested dataset at `raw` and write training-ready arrays to `out`."""
     raw, out = Path(raw), Path(out)
-    records = read_manifest(raw)
-    by_id = {r.image_id: r for r in records}
-    splits = split_ids(list(by_id), p.val_fraction, p.test_fraction, p.seed)
+    splits = split_ids(image_ids(raw), p.val_fraction, p.test_fraction, p.seed)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    train_caps = [c for i in splits["train"] for c in by_id[i].captions]
+    writers = _decode_splits(p, raw, out, splits)
+    train_caps = [c for r in writers["train"].records for c in r.captions]
     tokenizer = build_tokenizer(p, text_pretrained, train_caps, allow_downloads)
     tokenizer.save_pretrained(out / TOKENIZER_DIR)
     counts = {}
-    for name in SPLITS:
-        recs = [by_id[i] for i in splits[name]]
-        counts[name] = len(recs)
-        if not recs:
-            continue
-        total, total_sq = _write_split(name, recs, raw, out, p, tokenizer)
-        if name == "train":
-            n = len(recs) * p.image_size * p.image_size
-            mean = total / n
-            std = np.sqrt(np.maximum(total_sq / n - mean**2, 1e-12))
-            stats = {"mean": mean.round(6).tolist(), "std": std.round(6).tolist()}
-            (out / STATS_FILE).write_text(json.dumps(stats, indent=2))
+    for name, w in writers.items():
+        counts[name] = len(w.records)
+        if w.records:
+            w.finish(p, tokenizer)
+    n = counts["train"] * p.image_size * p.image_size
+    mean = writers["train"].total / n
+    std = np.sqrt(np.maximum(writers["train"].total_sq / n - mean**2, 1e-12))
+    stats = {"mean": mean.round(6).tolist(), "std": std.round(6).tolist()}
+    (out / STATS_FILE).write_text(json.dumps(stats, indent=2))
     meta = {
         "image_size": p.image_size,
         "max_length": p.max_length,

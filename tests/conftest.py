@@ -123,9 +123,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def extract_raw_images(raw: Path, folder: Path) -> list[Path]:
+    """The ingested samples' images as loose files in `folder` (a folder to run inference on)."""
+    from tasks.common.dataset import iter_raw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for s in iter_raw(raw):
+        out.append(folder / f"{s.record.image_id:06d}.{s.ext}")
+        out[-1].write_bytes(s.data)
+    return out
+
+
 def export_tiny_bundle(root: Path, variants: list[str]) -> Path:
     """Ingest, preprocess, an untrained tiny model (seed 0) and its export under `root`:
-    raw/, prep/, train/, onnx/ (the bundle, returned) and export.json."""
+    raw/, images/ (raw's images as files), prep/, train/, onnx/ (the bundle, returned) and
+    export.json."""
     import torch
 
     from tasks.common.checkpoint import CHECKPOINT, build_model
@@ -136,6 +149,7 @@ def export_tiny_bundle(root: Path, variants: list[str]) -> Path:
 
     params = validate(tiny_params_dict())
     ingest(IngestParams(num_images=16, image_size=40), root / "raw", root / "quarantine.jsonl")
+    extract_raw_images(root / "raw", root / "images")
     preprocess(
         PreprocessParams(image_size=32, max_length=16, test_fraction=0.25),
         None,

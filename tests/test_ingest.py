@@ -1,11 +1,14 @@
+import hashlib
+import io
 import json
+import tarfile
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from tasks.common.config import CocoSource, CsvSource, IngestParams
-from tasks.common.dataset import DatasetError, read_manifest
+from tasks.common.dataset import DatasetError, Record, iter_raw, read_manifest
 from tasks.ingest import ingest as _ingest
 
 
@@ -17,30 +20,45 @@ def _params(**kw) -> IngestParams:
     return IngestParams(num_images=12, image_size=48, **kw)
 
 
-def test_builtin_is_deterministic_in_coco_layout(tmp_path: Path):
-    a = ingest(_params(seed=7), tmp_path / "a")
-    ingest(_params(seed=7), tmp_path / "b")
+def read_records(raw: Path) -> list[Record]:
+    return [s.record for s in iter_raw(raw)]
+
+
+def test_builtin_is_deterministic_in_webdataset_shards(tmp_path: Path):
+    a = ingest(_params(seed=7, shard_samples=5), tmp_path / "a")
+    ingest(_params(seed=7, shard_samples=5), tmp_path / "b")
     assert a.num_images == 12 and a.num_captions == 60
-    ra, rb = read_manifest(tmp_path / "a"), read_manifest(tmp_path / "b")
-    assert [r.sha256 for r in ra] == [r.sha256 for r in rb]
-    assert [r.captions for r in ra] == [r.captions for r in rb]
-    coco = json.loads((tmp_path / "a" / "captions.json").read_text())
-    assert {"images", "annotations"} <= set(coco) and len(coco["annotations"]) == 60
-    assert (tmp_path / "a" / ra[0].path).is_file()
+    manifest = read_manifest(tmp_path / "a")
+    assert [(s["path"], s["ids"]) for s in manifest["shards"]] == [
+        ("shards/raw-000000.tar", [0, 1, 2, 3, 4]),
+        ("shards/raw-000001.tar", [5, 6, 7, 8, 9]),
+        ("shards/raw-000002.tar", [10, 11]),
+    ]
+    for shard in manifest["shards"]:  # byte-identical: the DVC md5 is the data version
+        assert (tmp_path / "a" / shard["path"]).read_bytes() == (
+            tmp_path / "b" / shard["path"]
+        ).read_bytes()
+    with tarfile.open(tmp_path / "a" / "shards" / "raw-000000.tar") as tar:
+        assert tar.getnames()[:2] == ["000000000.json", "000000000.png"]  # img2dataset layout
+    samples = list(iter_raw(tmp_path / "a"))
+    assert [s.record.image_id for s in samples] == list(range(12))
+    first = samples[0]
+    assert first.record.sha256 == hashlib.sha256(first.data).hexdigest() and first.ext == "png"
+    assert first.record.source_path == "000000.png" and len(first.record.captions) == 5
     assert Path(f"{tmp_path / 'a'}.quarantine.jsonl").read_text() == ""
-    with Image.open(tmp_path / "a" / ra[0].path) as img:
+    with Image.open(io.BytesIO(first.data)) as img:
         assert img.size == (48, 48)
 
 
 def test_builtin_captions_are_varied(tmp_path: Path):
     ingest(_params(seed=1), tmp_path / "raw")
-    records = read_manifest(tmp_path / "raw")
+    records = read_records(tmp_path / "raw")
     assert all(len(set(r.captions)) == 5 for r in records)
     words = {w for r in records for c in r.captions for w in c.split()}
     assert {"left", "right"} & words and len(words) > 40
     other = ingest(_params(seed=2), tmp_path / "other")
     assert other.num_images == 12
-    assert read_manifest(tmp_path / "other")[0].sha256 != records[0].sha256
+    assert read_records(tmp_path / "other")[0].sha256 != records[0].sha256
 
 
 def test_coco_source_on_coco_mini(tmp_path: Path, coco_mini: Path):
@@ -49,10 +67,10 @@ def test_coco_source_on_coco_mini(tmp_path: Path, coco_mini: Path):
         captions_json=str(coco_mini / "annotations" / "captions_val2017.json"),
     )
     res = ingest(IngestParams(source="coco", coco=src), tmp_path / "raw")
-    records = read_manifest(tmp_path / "raw")
+    records = read_records(tmp_path / "raw")
     assert res.num_images == 79 == len(records)
     assert all(len(r.captions) >= 5 for r in records)
-    assert records[0].path.startswith("images/") and (tmp_path / "raw" / records[0].path).is_file()
+    assert records[0].source_path.endswith(".jpg")
 
 
 def _csv_dataset(tmp_path: Path) -> tuple[Path, Path]:
@@ -72,7 +90,7 @@ def test_csv_source(tmp_path: Path):
         IngestParams(source="csv", csv=CsvSource(path=str(path), image_root=str(images))),
         tmp_path / "out",
     )
-    records = read_manifest(tmp_path / "out")
+    records = read_records(tmp_path / "out")
     assert res.num_images == 3 and res.num_captions == 15
     assert records[1].captions[0] == "a photo, number 1 variant 0"  # quoted commas survive
 

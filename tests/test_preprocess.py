@@ -1,4 +1,6 @@
+import io
 import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -44,15 +46,21 @@ def test_preprocess_writes_shards_tokens_and_stats(tmp_path: Path):
     stats = json.loads((tmp_path / "prep" / "stats.json").read_text())
     expected = train.images.reshape(-1, 3).mean(0) / 255
     assert np.allclose(stats["mean"], expected, atol=1e-5)
-    # same input -> byte-identical arrays and tokenizer
-    preprocess(p, None, tmp_path / "raw", tmp_path / "prep2")
+    # same input -> byte-identical arrays and tokenizer, whatever the number of decoding processes
+    preprocess(p.model_copy(update={"workers": 2}), None, tmp_path / "raw", tmp_path / "prep2")
     for rel in ("train/images_000.npy", "tokenizer/tokenizer.json", "test/captions.npz"):
         assert (tmp_path / "prep" / rel).read_bytes() == (tmp_path / "prep2" / rel).read_bytes()
 
 
 def test_corrupt_image_is_named(tmp_path: Path):
     ingest(IngestParams(num_images=10, image_size=48), tmp_path / "raw", tmp_path / "q.jsonl")
-    victim = sorted((tmp_path / "raw" / "images").iterdir())[3]
-    victim.write_bytes(b"not a png")
-    with pytest.raises(DatasetError, match=victim.name):
+    shard = tmp_path / "raw" / "shards" / "raw-000000.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]
+    with tarfile.open(shard, "w") as tar:  # damaged after ingest validated it
+        for m, data in members:
+            data = b"not a png" if m.name == "000000003.png" else data
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    with pytest.raises(DatasetError, match="sample 3: cannot decode"):
         preprocess(PreprocessParams(image_size=32), None, tmp_path / "raw", tmp_path / "prep")

@@ -13,8 +13,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from tasks.common.config import CocoSource, CsvSource, IngestParams
-from tasks.common.dataset import DatasetError, read_manifest
+from tasks.common.config import CocoSource, CsvSource, IngestParams, WebDatasetSource
+from tasks.common.dataset import DatasetError, iter_raw
 from tasks.ingest import ingest
 from xmodal_runtime.images import open_rgb
 
@@ -142,13 +142,18 @@ def test_every_item_is_accepted_or_quarantined(tmp_path: Path, workers: int):
         assert word.lower() in hit["reason"].lower(), (name, hit)
         assert hit["source"] == str(csv_path)
     assert {"row": ["rgb.jpg", "caf\\xe9 latin-1 bytes"]} in [line["item"] for line in lines]
-    records = read_manifest(tmp_path / "raw")
+    records = [s.record for s in iter_raw(tmp_path / "raw")]
     assert len(records) == 9 and res.num_captions == 19
-    multi = [r for r in records if r.path == "images/rgb.jpg"][0]
+    multi = [r for r in records if r.source_path == "rgb.jpg"][0]
     assert "a caption, quoted, spanning\ntwo lines" in multi.captions
-    written = sorted(p.relative_to(tmp_path / "raw") for p in (tmp_path / "raw").rglob("*.*"))
-    assert len(written) == 9 + 2  # the accepted images, captions.json, manifest.jsonl
-    assert (tmp_path / "raw" / "images" / "sub" / "nested.jpg").is_file()
+    assert "sub/nested.jpg" in {r.source_path for r in records}
+    corpus = {"captions.csv", "secret.jpg"}
+    written = {
+        str(p.relative_to(tmp_path))
+        for p in tmp_path.rglob("*")
+        if p.is_file() and not p.is_relative_to(root) and p.name not in corpus
+    }  # nothing is written outside the stage's outputs
+    assert written == {"raw/manifest.json", "raw/shards/raw-000000.tar", "reports/quarantine.jsonl"}
 
 
 def test_fraction_over_the_limit_fails_naming_the_report(tmp_path: Path):
@@ -258,3 +263,47 @@ def test_exif_orientation_is_applied():
     assert out.size == (20, 40)
     top, bottom = np.asarray(out)[5, 10], np.asarray(out)[35, 10]
     assert top[0] > 200 and top[2] < 60 and bottom[2] > 200 and bottom[0] < 60
+
+
+def _img2dataset_shards(folder: Path) -> str:
+    """Two shards in img2dataset's layout (jpg + txt + json per sample), with bad samples."""
+    import tarfile
+
+    folder.mkdir()
+    samples = [
+        [("jpg", _jpeg((k * 20, 0, 0))), ("txt", f"photo number {k}".encode()), ("json", b"{}")]
+        for k in range(6)
+    ]
+    samples[1][0] = ("jpg", _jpeg()[:200])  # truncated
+    samples[2] = samples[2][:1] + samples[2][2:]  # no caption
+    samples[3][1] = ("txt", b"   ")  # empty caption
+    for shard in range(2):
+        with tarfile.open(folder / f"shard-{shard:05d}.tar", "w") as tar:
+            for k in range(3 * shard, 3 * shard + 3):
+                for ext, data in samples[k]:
+                    info = tarfile.TarInfo(f"{k:09d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return str(folder / "shard-{00000..00001}.tar")
+
+
+def test_webdataset_source_validates_like_the_others(tmp_path: Path):
+    urls = _img2dataset_shards(tmp_path / "wds")
+    src = WebDatasetSource(urls=urls)
+    q = tmp_path / "q.jsonl"
+    res = ingest(
+        IngestParams(source="webdataset", webdataset=src, max_bad_fraction=0.5), tmp_path / "o", q
+    )
+    assert (res.input_items, res.accepted, res.quarantined) == (6, 3, 3)
+    reasons = {line["item"]["key"]: line["reason"] for line in _report(q)}
+    assert "truncated" in reasons["000000001"].lower()
+    assert "no caption" in reasons["000000002"]
+    assert "no non-empty caption" in reasons["000000003"]
+    samples = list(iter_raw(tmp_path / "o"))
+    assert [s.record.captions for s in samples] == [[f"photo number {k}"] for k in (0, 4, 5)]
+    assert samples[1].record.source_path.endswith("shard-00001.tar:000000004")
+    # this project's own shards are a webdataset source too: a round trip keeps every sample
+    again = WebDatasetSource(urls=str(tmp_path / "o" / "shards" / "raw-000000.tar"))
+    res2 = ingest(IngestParams(source="webdataset", webdataset=again), tmp_path / "o2", q)
+    assert (res2.accepted, res2.quarantined) == (3, 0)
+    assert [s.data for s in iter_raw(tmp_path / "o2")] == [s.data for s in samples]

@@ -23,7 +23,7 @@ from services.base import ServiceError, Services, require_postgres_binaries
 from services.manager import start, status, stop
 from services.postgres import remove_cluster
 
-from .conftest import free_port, make_repo
+from .conftest import extract_raw_images, free_port, make_repo
 
 pytestmark = pytest.mark.services
 
@@ -159,6 +159,7 @@ def test_deployment_run_completes_against_mlflow_server(services: Services, depl
 def test_batch_inference_deployment_serves_the_champion(services: Services, deployment_run):
     assert deployment_run.returncode == 0
     out = services.root / "outputs" / "deployed"
+    extract_raw_images(services.root / "data" / "raw", services.root / "photos")
     done = _prefect(
         services,
         "deployment",
@@ -167,7 +168,7 @@ def test_batch_inference_deployment_serves_the_champion(services: Services, depl
         "-p",
         f"model=models:/{MODEL}@champion",
         "-p",
-        "images_dir=data/raw/images",
+        "images_dir=photos",
         "-p",
         f"out={out}",
         "-p",
@@ -182,7 +183,7 @@ def test_batch_inference_deployment_serves_the_champion(services: Services, depl
     assert done.returncode == 0, text[-4000:]
     assert _flow_run(services, text)["state"]["type"] == "COMPLETED"
     summary = json.loads((out / "summary.json").read_text())
-    images = len(list((services.root / "data" / "raw" / "images").iterdir()))
+    images = len(list((services.root / "photos").iterdir()))
     assert (summary["images"], summary["shards"], summary["errors"]) == (images, 2, 0)
     hits = json.loads((out / "text_to_image.jsonl").read_text())["results"]
     assert len(hits) == 5

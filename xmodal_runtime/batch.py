@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from xmodal_runtime.encoder import Encoder
-from xmodal_runtime.images import ImageError, list_images, load_image, to_pixels
+from xmodal_runtime.images import ImageError, ImageSource, list_images, load_image, to_pixels
 from xmodal_runtime.retrieval import TopK, top_k
 
 log = logging.getLogger("xmodal")
@@ -50,18 +51,18 @@ def embedding_table(ids: list[str], emb: np.ndarray, extra: dict | None = None) 
 
 
 def _decoded_chunks(
-    files: list[Path], size: int, chunk: int, errors: list[dict]
-) -> Iterator[tuple[int, list[Path], np.ndarray | None]]:
-    """(files tried, files decoded, their pixels or None) per chunk; failures go to `errors`."""
-    for start in range(0, len(files), chunk):
-        tried = files[start : start + chunk]
+    images: Iterable[tuple[str, ImageSource]], size: int, chunk: int, errors: list[dict]
+) -> Iterator[tuple[int, list[str], np.ndarray | None]]:
+    """(images tried, ids decoded, their pixels or None) per chunk; failures go to `errors`."""
+    it = iter(images)
+    while tried := list(islice(it, chunk)):
         ok, arrays = [], []
-        for f in tried:
+        for image_id, source in tried:
             try:
-                arrays.append(load_image(f, size))
-                ok.append(f)
+                arrays.append(load_image(source, size))
+                ok.append(image_id)
             except ImageError as err:
-                errors.append({"path": str(f), "error": str(err)})
+                errors.append({"path": image_id, "error": str(err)})
         yield len(tried), ok, (to_pixels(np.stack(arrays)) if ok else None)
 
 
@@ -106,25 +107,40 @@ def embed_folder(
 ) -> BatchResult:
     """Embed `queries` and the images of `images_dir` (or only `files` under it, a shard; ids
     stay relative to `images_dir`) and write retrievals between them under `out`."""
+    images = None
+    if images_dir is not None:
+        files = list_images(images_dir) if files is None else [Path(f) for f in files]
+        images = ((str(f.relative_to(images_dir)), f) for f in files)
+    return embed_images(enc, images, queries, out, top, progress)
+
+
+def embed_images(
+    enc: Encoder,
+    images: Iterable[tuple[str, ImageSource]] | None,
+    queries: list[str],
+    out: Path,
+    top: int = 5,
+    progress: Callable[[int], None] | None = None,
+) -> BatchResult:
+    """Embed `queries` and `images` ((id, path or encoded bytes) pairs, streamed) and write
+    retrievals between them under `out`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, str] = {}
     q_emb = _embed_texts(enc, queries, out, written)
     errors: list[dict] = []
     image_ids: list[str] = []
-    if images_dir is not None:
-        files = list_images(images_dir) if files is None else [Path(f) for f in files]
+    if images is not None:
         topk = TopK(len(queries), top)
         writer = None
         with open(out / IMAGE_TO_TEXT, "w") as i2t:
-            chunks = _decoded_chunks(files, enc.image_size, enc.chunk_size, errors)
-            for tried, batch, pixels in chunks:
+            chunks = _decoded_chunks(images, enc.image_size, enc.chunk_size, errors)
+            for tried, ids, pixels in chunks:
                 if progress:
                     progress(tried)
                 if pixels is None:
                     continue
                 emb = enc.encode_pixels(pixels)  # (chunk, D), L2-normalised
-                ids = [str(f.relative_to(images_dir)) for f in batch]
                 table = embedding_table(ids, emb)
                 writer = writer or pq.ParquetWriter(out / IMAGE_EMBEDDINGS, table.schema)
                 writer.write_table(table)

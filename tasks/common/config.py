@@ -72,8 +72,12 @@ class CsvSource(_Section):
     image_root: str | None = None
 
 
+class WebDatasetSource(_Section):
+    urls: str | None = None
+
+
 class IngestParams(_Section):
-    source: Literal["builtin", "coco", "csv"] = "builtin"
+    source: Literal["builtin", "coco", "csv", "webdataset"] = "builtin"
     seed: int = 0
     num_images: int = Field(2000, ge=1)
     image_size: int = Field(96, ge=32, le=1024)
@@ -83,8 +87,11 @@ class IngestParams(_Section):
     max_pixels: int = Field(89_478_485, ge=1)
     max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
     workers: int = Field(0, ge=0)
+    shard_samples: int = Field(1000, ge=1)
+    shard_megabytes: int = Field(256, ge=1)
     coco: CocoSource = CocoSource()
     csv: CsvSource = CsvSource()
+    webdataset: WebDatasetSource = WebDatasetSource()
 
     @model_validator(mode="after")
     def _check_source(self) -> IngestParams:
@@ -94,6 +101,8 @@ class IngestParams(_Section):
             raise ValueError("source 'coco' needs coco.images_dir and coco.captions_json")
         if self.source == "csv" and not (self.csv.path and self.csv.image_root):
             raise ValueError("source 'csv' needs csv.path and csv.image_root")
+        if self.source == "webdataset" and not self.webdataset.urls:
+            raise ValueError("source 'webdataset' needs webdataset.urls")
         return self
 
 
@@ -106,6 +115,7 @@ class PreprocessParams(_Section):
     # WordPiece vocabulary trained on the train captions when model.text.pretrained is not set.
     vocab_size: int = Field(1000, ge=50)
     shard_size: int = Field(1024, ge=1)
+    workers: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _check_fractions(self) -> PreprocessParams:

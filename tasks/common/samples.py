@@ -8,15 +8,12 @@ a source's root is read: names are checked lexically, then after resolving symli
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field, replace
-from itertools import islice
-from multiprocessing import get_context
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from tasks.common import synthetic
+from tasks.common.pool import ordered_map
 from xmodal_runtime.images import ImageError, open_rgb
 
 
@@ -78,9 +75,6 @@ class Accepted:
     sha256: str
     items: int  # input items it accounts for
 
-    def without_data(self) -> Accepted:
-        return replace(self, data=b"")
-
 
 def resolve_inside(root: Path, name: str) -> Path:
     """`root / name` as a real path, refused when `name` is absolute, climbs with `..`, or
@@ -130,24 +124,8 @@ def check(c: Candidate, max_pixels: int) -> Accepted | str:
     return Accepted(c.image_id, c.name, captions, data, ext, sha, len(c.items))
 
 
-def workers_for(n: int) -> int:
-    """`n` worker processes, 0 meaning every core this process may use."""
-    return n or len(os.sched_getaffinity(0))
-
-
 def check_all(
-    candidates: Iterable[Candidate], max_pixels: int, workers: int, block: int = 256
+    candidates: Iterable[Candidate], max_pixels: int, workers: int
 ) -> Iterator[tuple[Candidate, Accepted | str]]:
-    """Each candidate with its verdict, in input order. Candidates are submitted a block at a time,
-    so memory holds at most `block` images whatever the dataset size."""
-    n = workers_for(workers)
-    if n == 1:
-        for c in candidates:
-            yield c, check(c, max_pixels)
-        return
-    # spawn, not fork: the parent may hold Prefect/MLflow threads, which fork would copy mid-lock.
-    with ProcessPoolExecutor(n, mp_context=get_context("spawn")) as pool:
-        it = iter(candidates)
-        while chunk := list(islice(it, block)):
-            verdicts = pool.map(check, chunk, [max_pixels] * len(chunk), chunksize=8)
-            yield from zip(chunk, verdicts, strict=True)
+    """Each candidate with its verdict, in input order, on `workers` processes."""
+    return ordered_map(check, candidates, workers, max_pixels=max_pixels)

@@ -1,8 +1,9 @@
 """Ingest's sources, read leniently: every input item becomes a `Candidate` sample or a `Reject`.
 
 An input item is the unit a source gives: a built-in image, a CSV row, a COCO image entry or
-annotation. Problems in the annotation files are rejected item by item (with their line or index),
-so one bad row never hides the next. Only a file that cannot be read at all is fatal.
+annotation, a WebDataset sample. Problems in the annotation files are rejected item by item
+(with their line or index), so one bad row never hides the next. Only a file that cannot be read
+at all is fatal.
 
 Duplicates, as documented in the README: a repeated (image, caption) pair and a repeated COCO
 image id are quarantined, and the first occurrence is kept.
@@ -17,7 +18,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
-from tasks.common.config import CocoSource, CsvSource, IngestParams
+from tasks.common.config import CocoSource, CsvSource, IngestParams, WebDatasetSource
 from tasks.common.dataset import DatasetError
 from tasks.common.samples import Builtin, Candidate, Reject
 
@@ -160,10 +161,62 @@ def csv_source(s: CsvSource) -> Iterator[Event]:
         yield Candidate(i, name, src, items, captions, root=str(s.image_root))
 
 
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
+
+
+def _wds_captions(sample: dict) -> list[str] | None:
+    """img2dataset puts the caption in `.txt`; our own shards list them in `.json`."""
+    if "txt" in sample:
+        return [sample["txt"].decode("utf-8", "replace")]
+    try:
+        meta = json.loads(sample.get("json", b"{}"))
+    except ValueError:
+        return None
+    caps = meta.get("captions", meta.get("caption")) if isinstance(meta, dict) else None
+    caps = [caps] if isinstance(caps, str) else caps
+    return caps if isinstance(caps, list) and all(isinstance(c, str) for c in caps) else None
+
+
+def webdataset_source(s: WebDatasetSource) -> Iterator[Event]:
+    """Samples of existing WebDataset shards (img2dataset, OpenCLIP, or this project's own):
+    local paths, brace patterns (`shards/{00000..00099}.tar`) or URLs, via the webdataset package.
+    A shard that cannot be read is one quarantined item naming it; reading goes on."""
+    import webdataset as wds
+
+    failures: list[Exception] = []
+
+    def keep_going(err: Exception) -> bool:
+        failures.append(err)
+        return True
+
+    samples = wds.WebDataset(s.urls, shardshuffle=False, handler=keep_going, empty_check=False)
+    image_id = 0
+    for sample in samples:
+        while failures:
+            err = failures.pop(0)
+            yield Reject(s.urls, "shard", {"urls": s.urls}, f"unreadable: {err}")
+        where = f"{sample.get('__url__', s.urls)}:{sample['__key__']}"
+        item = {"key": sample["__key__"], "members": sorted(k for k in sample if k[0] != "_")}
+        images = [ext for ext in IMAGE_EXTENSIONS if ext in sample]
+        captions = _wds_captions(sample)
+        if len(images) != 1:
+            yield Reject(where, "sample", item, f"{len(images)} image members, expected 1")
+        elif captions is None:
+            yield Reject(where, "sample", item, "no caption (.txt, or .json 'caption(s)')")
+        else:
+            data = sample[images[0]]
+            yield Candidate(image_id, where, where, [("sample", item)], captions, data=data)
+            image_id += 1
+    for err in failures:
+        yield Reject(s.urls, "shard", {"urls": s.urls}, f"unreadable: {err}")
+
+
 def events(p: IngestParams) -> Iterator[Event]:
     """Every input item of the source `p` names, as candidate samples or rejects."""
     if p.source == "coco":
         return coco_source(p.coco)
     if p.source == "csv":
         return csv_source(p.csv)
+    if p.source == "webdataset":
+        return webdataset_source(p.webdataset)
     return builtin_source(p)
