@@ -114,7 +114,7 @@ def _check_fraction(p: IngestParams, res: IngestResult) -> None:
 def _validate_into(p: IngestParams, shards: _Shards, report: _Quarantine) -> tuple[int, int, int]:
     """Check every candidate; shard the accepted. Returns (images, captions, items accepted)."""
     images = captions = items = 0
-    verdicts = check_all(report.candidates(events(p)), p.max_pixels, p.workers)
+    verdicts = check_all(report.candidates(events(p)), p.max_pixels, p.workers, p.dask_address)
     for cand, verdict in stage.progress(verdicts, desc="ingest: validating", unit="img"):
         if isinstance(verdict, str):
             for where, item in cand.items:

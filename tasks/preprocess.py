@@ -93,6 +93,25 @@ def _wordpiece_vocab(captions: list[str], size: int) -> list[str]:
     return vocab
 
 
+def _tokenize(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int, batch: int = 8192
+) -> tuple[np.ndarray, np.ndarray]:
+    """(C, L) int32 ids and int8 mask, a batch at a time: the tokenizer's per-caption objects
+    for a whole split took gigabytes at 100k images."""
+    ids = np.zeros((len(texts), max_length), np.int32)
+    mask = np.zeros((len(texts), max_length), np.int8)
+    for a in range(0, len(texts), batch):
+        enc = tokenizer(
+            texts[a : a + batch],
+            padding="max_length",
+            truncation=True,
+            max_length=max_length,
+            return_tensors="np",
+        )
+        ids[a : a + batch], mask[a : a + batch] = enc["input_ids"], enc["attention_mask"]
+    return ids, mask
+
+
 class _SplitWriter:
     """One split's image shards (as they stream in), then its captions and index."""
 
@@ -101,7 +120,8 @@ class _SplitWriter:
         self.buffer: list[np.ndarray] = []
         self.records = []
         self.shards = 0
-        self.total, self.total_sq = np.zeros(3), np.zeros(3)  # pixel sums, for train stats
+        # Exact integer sums of pixel values and their squares (for train stats), per channel.
+        self.total, self.total_sq = np.zeros(3, np.uint64), np.zeros(3, np.uint64)
 
     def add(self, sample: RawSample, pixels: np.ndarray) -> None:
         self.records.append(sample.record)
@@ -115,26 +135,21 @@ class _SplitWriter:
         self.d.mkdir(parents=True, exist_ok=True)
         arr = np.stack(self.buffer)  # (N, S, S, 3) uint8
         np.save(self.d / f"images_{self.shards:03d}.npy", arr)
-        pix = arr.reshape(-1, 3).astype(np.float64) / 255.0
-        self.total += pix.sum(0)
-        self.total_sq += (pix**2).sum(0)
+        for a in range(0, len(arr), 64):  # a float copy of a whole 224 px shard took 2.4 GB
+            pix = arr[a : a + 64].reshape(-1, 3).astype(np.uint64)
+            self.total += pix.sum(0)
+            self.total_sq += (pix * pix).sum(0)
         self.shards, self.buffer = self.shards + 1, []
 
     def finish(self, p: PreprocessParams, tokenizer: PreTrainedTokenizerBase) -> None:
         self.flush()
         texts = [c for r in self.records for c in r.captions]
         caption_image = [i for i, r in enumerate(self.records) for _ in r.captions]
-        enc = tokenizer(
-            texts,
-            padding="max_length",
-            truncation=True,
-            max_length=p.max_length,
-            return_tensors="np",
-        )
+        ids, mask = _tokenize(tokenizer, texts, p.max_length)
         np.savez(
             self.d / "captions.npz",
-            input_ids=enc["input_ids"].astype(np.int32),
-            attention_mask=enc["attention_mask"].astype(np.int8),
+            input_ids=ids,
+            attention_mask=mask,
             image_index=np.array(caption_image, dtype=np.int32),
         )
         index = {
@@ -151,7 +166,9 @@ def _decode_splits(
     """Stream the raw shards once; each decoded image goes to its split's writer, in id order."""
     split_of = {i: name for name, ids in splits.items() for i in ids}
     writers = {name: _SplitWriter(out / name, p.shard_size) for name in SPLITS}
-    decoded = ordered_map(decode_sample, iter_raw(raw), p.workers, size=p.image_size)
+    decoded = ordered_map(
+        decode_sample, iter_raw(raw), p.workers, dask_address=p.dask_address, size=p.image_size
+    )
     for sample, pixels in stage.progress(decoded, desc="preprocess: decoding", unit="img"):
         writers[split_of[sample.record.image_id]].add(sample, pixels)
     return writers
@@ -180,8 +197,8 @@ def preprocess(
         if w.records:
             w.finish(p, tokenizer)
     n = counts["train"] * p.image_size * p.image_size
-    mean = writers["train"].total / n
-    std = np.sqrt(np.maximum(writers["train"].total_sq / n - mean**2, 1e-12))
+    mean = writers["train"].total / (n * 255.0)
+    std = np.sqrt(np.maximum(writers["train"].total_sq / (n * 255.0**2) - mean**2, 1e-12))
     stats = {"mean": mean.round(6).tolist(), "std": std.round(6).tolist()}
     (out / STATS_FILE).write_text(json.dumps(stats, indent=2))
     meta = {

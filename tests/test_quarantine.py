@@ -307,3 +307,35 @@ def test_webdataset_source_validates_like_the_others(tmp_path: Path):
     res2 = ingest(IngestParams(source="webdataset", webdataset=again), tmp_path / "o2", q)
     assert (res2.accepted, res2.quarantined) == (3, 0)
     assert [s.data for s in iter_raw(tmp_path / "o2")] == [s.data for s in samples]
+
+
+@pytest.mark.slow
+def test_validation_and_decoding_on_dask_match_a_local_run(tmp_path: Path):
+    from dask.distributed import LocalCluster
+
+    from tasks.common.config import PreprocessParams
+    from tasks.preprocess import preprocess
+
+    csv_path, root, _, _ = _corpus(tmp_path)
+    local = _csv_params(csv_path, root, workers=1)
+    pre = PreprocessParams(image_size=16, test_fraction=0.25, workers=1)
+    ingest(local, tmp_path / "raw_local", tmp_path / "q_local.jsonl")
+    preprocess(pre, None, tmp_path / "raw_local", tmp_path / "prep_local")
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+    ) as cluster:
+        address = cluster.scheduler_address
+        on_dask = local.model_copy(update={"dask_address": address})
+        ingest(on_dask, tmp_path / "raw_dask", tmp_path / "q_dask.jsonl")
+        pre_dask = pre.model_copy(update={"dask_address": address})
+        preprocess(pre_dask, None, tmp_path / "raw_dask", tmp_path / "prep_dask")
+    same = [
+        "raw_{}/shards/raw-000000.tar",
+        "raw_{}/manifest.json",
+        "q_{}.jsonl",
+        "prep_{}/train/images_000.npy",
+        "prep_{}/test/captions.npz",
+    ]
+    for rel in same:
+        local_bytes = (tmp_path / rel.format("local")).read_bytes()
+        assert local_bytes == (tmp_path / rel.format("dask")).read_bytes(), rel

@@ -75,7 +75,10 @@ def open_rgb(source: ImageSource, max_pixels: int = MAX_PIXELS) -> tuple[Image.I
             return to_rgb(ImageOps.exif_transpose(img)), ext
     except Image.DecompressionBombError as err:
         raise ImageError(f"image {name} refused as a decompression bomb: {err}") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+    except UnidentifiedImageError:
+        # Pillow's message holds the file object's repr (a memory address): not reproducible.
+        raise ImageError(f"cannot decode image {name}: not an image format Pillow reads") from None
+    except (OSError, ValueError, SyntaxError) as err:
         if isinstance(err, ImageError):
             raise
         raise ImageError(f"cannot decode image {name}: {err}") from None

@@ -87,6 +87,7 @@ class IngestParams(_Section):
     max_pixels: int = Field(89_478_485, ge=1)
     max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
     workers: int = Field(0, ge=0)
+    dask_address: str | None = None
     shard_samples: int = Field(1000, ge=1)
     shard_megabytes: int = Field(256, ge=1)
     coco: CocoSource = CocoSource()
@@ -116,6 +117,7 @@ class PreprocessParams(_Section):
     vocab_size: int = Field(1000, ge=50)
     shard_size: int = Field(1024, ge=1)
     workers: int = Field(0, ge=0)
+    dask_address: str | None = None
 
     @model_validator(mode="after")
     def _check_fractions(self) -> PreprocessParams:

@@ -125,7 +125,7 @@ def check(c: Candidate, max_pixels: int) -> Accepted | str:
 
 
 def check_all(
-    candidates: Iterable[Candidate], max_pixels: int, workers: int
+    candidates: Iterable[Candidate], max_pixels: int, workers: int, dask_address: str | None = None
 ) -> Iterator[tuple[Candidate, Accepted | str]]:
-    """Each candidate with its verdict, in input order, on `workers` processes."""
-    return ordered_map(check, candidates, workers, max_pixels=max_pixels)
+    """Each candidate with its verdict, in input order, on `workers` processes or a Dask cluster."""
+    return ordered_map(check, candidates, workers, dask_address=dask_address, max_pixels=max_pixels)
