@@ -9,8 +9,8 @@ same -P/-S as `xmodal run`, so the probe and the pipeline are scored on the same
 
     .venv/bin/python -m bench.linear_probe --raw /tmp/flickr/raw -S preprocess.test_fraction=0.2
 
-`--raw` is an ingested dataset (what the ingest stage writes: captions.json, manifest.jsonl,
-images/). Prints Recall@1/5/10 both ways, mean and median rank, and the time each part took;
+`--raw` is an ingested dataset (what the ingest stage writes: WebDataset shards and their
+manifest.json). Prints Recall@1/5/10 both ways, mean and median rank, and the time each part took;
 `--out` also writes them as JSON.
 """
 

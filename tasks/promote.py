@@ -31,6 +31,7 @@ from tasks.common.config import (
     load_params,
 )
 from tasks.common.data import read_json
+from tasks.common.dataset import iter_raw
 from tasks.common.registry import resolve_model
 from xmodal_runtime.encoder import Encoder
 
@@ -56,10 +57,18 @@ class PromoteResult:
     note: str = ""
 
 
+def test_images(raw: Path, image_ids: list[int]) -> list[bytes]:
+    """The encoded images of `image_ids`, in that order, from the raw shards."""
+    wanted = set(image_ids)
+    found = {s.record.image_id: s.data for s in iter_raw(raw) if s.record.image_id in wanted}
+    return [found[i] for i in image_ids]
+
+
 def score_version(model_dir: Path, raw: Path, test_index: dict, variant: str, ks: list[int]):
-    """Recall@K of an exported model on a test split through the serving runtime, from raw files."""
+    """Recall@K of an exported model on a test split through the serving runtime, from the raw
+    images (the original bytes in the ingested shards)."""
     enc = Encoder(model_dir, variant, provider="cpu", chunk_size=128)
-    img = enc.encode_images([raw / rel for rel in test_index["paths"]])
+    img = enc.encode_images(test_images(raw, test_index["image_ids"]))
     txt = enc.encode_texts(test_index["captions"], pad_to_max_length=True)
     return retrieval_metrics(img, txt, np.asarray(test_index["image_index"]), ks)
 

@@ -137,7 +137,7 @@ def extract_raw_images(raw: Path, folder: Path) -> list[Path]:
 
 def export_tiny_bundle(root: Path, variants: list[str]) -> Path:
     """Ingest, preprocess, an untrained tiny model (seed 0) and its export under `root`:
-    raw/, images/ (raw's images as files), prep/, train/, onnx/ (the bundle, returned) and
+    raw/, raw_images/ (raw's images as files), prep/, train/, onnx/ (the bundle, returned) and
     export.json."""
     import torch
 
@@ -149,7 +149,7 @@ def export_tiny_bundle(root: Path, variants: list[str]) -> Path:
 
     params = validate(tiny_params_dict())
     ingest(IngestParams(num_images=16, image_size=40), root / "raw", root / "quarantine.jsonl")
-    extract_raw_images(root / "raw", root / "images")
+    extract_raw_images(root / "raw", root / "raw_images")
     preprocess(
         PreprocessParams(image_size=32, max_length=16, test_fraction=0.25),
         None,

@@ -14,7 +14,7 @@ import onnx
 import pytest
 import yaml
 
-from .conftest import make_repo
+from .conftest import extract_raw_images, make_repo
 from .test_dvc_deps import STAGES
 
 pytestmark = pytest.mark.slow
@@ -68,8 +68,10 @@ def _mlflow_client(repo: Path):
 
 def test_flow_writes_every_artifact(repo: Path, first_run: str):
     for rel in (
-        "data/raw/manifest.jsonl",
-        "data/raw/captions.json",
+        "data/raw/manifest.json",
+        "data/raw/shards/raw-000000.tar",
+        "reports/ingest.json",
+        "reports/quarantine.jsonl",
         "data/prepared/meta.json",
         "data/prepared/stats.json",
         "data/prepared/tokenizer/tokenizer.json",
@@ -157,6 +159,8 @@ def test_registered_version_with_lineage(repo: Path, first_run: str):
 def test_infer_cli_from_the_registry_alias(repo: Path, first_run: str, tmp_path: Path):
     queries = tmp_path / "q.txt"
     queries.write_text("a red circle on the left\n\na small blue square\n")
+    photos = tmp_path / "photos"
+    extract_raw_images(repo / "data" / "raw", photos)
     out = _sh(
         repo,
         sys.executable,
@@ -166,7 +170,7 @@ def test_infer_cli_from_the_registry_alias(repo: Path, first_run: str, tmp_path:
         "--model",
         f"models:/{MODEL}@champion",
         "--images",
-        str(repo / "data/raw/images"),
+        str(photos),
         "--texts",
         str(queries),
         "--top-k",

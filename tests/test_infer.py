@@ -60,7 +60,7 @@ def test_parity_check_can_fail(exported: Path):
 def test_infer_skips_unreadable_images_and_writes_everything(exported: Path, tmp_path: Path):
     images = tmp_path / "imgs"
     images.mkdir()
-    for src in sorted((exported / "images").iterdir())[:9]:
+    for src in sorted((exported / "raw_images").iterdir())[:9]:
         (images / src.name).write_bytes(src.read_bytes())
     (images / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     queries = ["a red circle", "two shapes on a gray background", "a small star"]
@@ -111,7 +111,7 @@ def test_int8_variant_is_built_scored_and_served(exported: Path, tmp_path: Path)
     res = infer(
         InferParams(variant="int8"),
         exported / "onnx",
-        exported / "images",
+        exported / "raw_images",
         ["a red circle"],
         tmp_path,
     )
@@ -124,7 +124,7 @@ def test_batch_inference_flow_on_dask_matches_single_process(exported: Path, tmp
 
     from flows.batch_inference import batch_inference
 
-    images = exported / "images"
+    images = exported / "raw_images"
     (images.parent / "junk").mkdir(exist_ok=True)
     queries = ["a red circle", "three shapes", "a small blue square on the right"]
     kwargs = dict(model=str(exported / "onnx"), images_dir=str(images), queries=queries)

@@ -1,4 +1,5 @@
-"""Real-photo paths: a COCO smoke run on coco-mini and a Flickr8k-style CSV, end to end."""
+"""Real-photo paths end to end: a COCO smoke run on coco-mini, a Flickr8k-style CSV, and
+img2dataset-style WebDataset shards."""
 
 from __future__ import annotations
 
@@ -76,3 +77,42 @@ def test_csv_dataset_end_to_end(tmp_path: Path, monkeypatch):
     metrics = _run_all(params, tmp_path)
     assert metrics["test_size"] == {"images": 6, "captions": 30}
     assert 0 <= metrics["test"]["t2i_R1"] <= 1
+
+
+def test_webdataset_source_end_to_end(tmp_path: Path, monkeypatch):
+    """Shards as img2dataset writes them (jpg + txt + json per sample), by brace pattern."""
+    import io
+    import tarfile
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    src = tmp_path / "wds"
+    src.mkdir()
+    rng = np.random.default_rng(1)
+    colours = ["red", "green", "blue"]
+    for shard in range(3):
+        with tarfile.open(src / f"{shard:05d}.tar", "w") as tar:
+            for i in range(shard * 8, shard * 8 + 8):
+                pixels = rng.integers(0, 60, (48, 48, 3), dtype=np.uint8)
+                pixels[..., i % 3] += 180
+                buf = io.BytesIO()
+                Image.fromarray(pixels).save(buf, format="JPEG")
+                caption = f"a {colours[i % 3]} square, photo {i}"
+                for ext, data in (
+                    ("jpg", buf.getvalue()),
+                    ("txt", caption.encode()),
+                    ("json", b"{}"),
+                ):
+                    info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    params = validate(
+        tiny_params_dict(
+            ingest={"source": "webdataset", "webdataset": {"urls": str(src / "{00000..00002}.tar")}}
+        )
+    )
+    metrics = _run_all(params, tmp_path)
+    assert metrics["test_size"] == {"images": 6, "captions": 6}
+    counts = json.loads((tmp_path / params.paths.ingest_report).read_text())
+    assert (counts["input_items"], counts["accepted"], counts["quarantined"]) == (24, 24, 0)
+    summary = json.loads((tmp_path / params.paths.infer / "summary.json").read_text())
+    assert summary["images"] == 24 and summary["errors"] == 0
