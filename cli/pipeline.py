@@ -35,6 +35,7 @@ def run(
     promote: Annotated[
         bool, typer.Option(help="finish with the gated promotion of the new candidate")
     ] = False,
+    verbose: Annotated[bool, typer.Option(help="show the traceback of a failed stage")] = False,
 ) -> None:
     """Run the training-pipeline flow locally (no server) and print where everything is."""
     preset_files = [str(p.resolve()) for p in presets or []]
@@ -43,14 +44,23 @@ def run(
     except ConfigError as err:
         raise typer.BadParameter(str(err)) from None
     from flows.training_pipeline import training_pipeline
+    from tasks.common.stage import USER_ERRORS, StageFailed
 
-    outcomes = training_pipeline(
-        overrides=overrides or [],
-        presets=preset_files,
-        force=force,
-        root=str(root),
-        promote=promote,
-    )
+    try:
+        outcomes = training_pipeline(
+            overrides=overrides or [],
+            presets=preset_files,
+            force=force,
+            root=str(root),
+            promote=promote,
+        )
+    except (StageFailed, *USER_ERRORS) as err:
+        if verbose:
+            raise
+        # One line naming the problem (bad data or params); Prefect's run log above holds the
+        # traceback, and --verbose re-raises it here.
+        typer.echo(f"error: {' '.join(str(err).split())}", err=True)
+        raise typer.Exit(1) from None
     params = load_params(root / DEFAULT_PARAMS)
     print_summary(root, params, outcomes)
 

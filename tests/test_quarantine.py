@@ -339,3 +339,28 @@ def test_validation_and_decoding_on_dask_match_a_local_run(tmp_path: Path):
     for rel in same:
         local_bytes = (tmp_path / rel.format("local")).read_bytes()
         assert local_bytes == (tmp_path / rel.format("dask")).read_bytes(), rel
+
+
+@pytest.mark.slow
+def test_xmodal_run_ends_a_data_error_in_one_line(tmp_path: Path):
+    from .conftest import make_repo
+
+    repo = make_repo(tmp_path / "repo")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "c.csv").write_text(
+        "image,caption\nnope.jpg,a caption\n/etc/hostname,x\n"
+    )
+    cmd = [
+        sys.executable, "-m", "cli", "run",
+        "-S", "ingest.source=csv",
+        "-S", f"ingest.csv.path={tmp_path / 'photos' / 'c.csv'}",
+        "-S", f"ingest.csv.image_root={tmp_path / 'photos'}",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1, done.stderr[-3000:]
+    (line,) = [x for x in done.stderr.splitlines() if x.startswith("error:")]
+    assert line.startswith("error: stage ingest failed: DatasetError: 2 of 2 input items"), line
+    assert line.endswith("reports/quarantine.jsonl")
+    assert "╭" not in done.stderr  # no rich traceback box from the CLI itself
+    lines = (repo / "reports" / "quarantine.jsonl").read_text().splitlines()
+    assert ["absolute" in x for x in lines].count(True) == 1 and len(lines) == 2
