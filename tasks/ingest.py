@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from tasks.common.dataset import (
     sample_key,
 )
 from tasks.common.samples import Accepted, Candidate, Reject, check_all
-from tasks.common.sources import events
+from tasks.common.sources import Event, events
 
 log = logging.getLogger("xmodal")
 
@@ -56,7 +57,7 @@ class _Quarantine:
         self.f.write(json.dumps(r.line()) + "\n")
         self.count += 1
 
-    def candidates(self, stream) -> Candidate:
+    def candidates(self, stream: Iterable[Event]) -> Iterator[Candidate]:
         """The candidates of a source's events; its rejects go straight to the report."""
         for e in stream:
             self.input_items += 1 if isinstance(e, Reject) else len(e.items)
