@@ -57,18 +57,20 @@ class PromoteResult:
     note: str = ""
 
 
-def test_images(raw: Path, image_ids: list[int]) -> list[bytes]:
+def split_images(raw: Path, image_ids: list[int]) -> list[bytes]:
     """The encoded images of `image_ids`, in that order, from the raw shards."""
     wanted = set(image_ids)
     found = {s.record.image_id: s.data for s in iter_raw(raw) if s.record.image_id in wanted}
     return [found[i] for i in image_ids]
 
 
-def score_version(model_dir: Path, raw: Path, test_index: dict, variant: str, ks: list[int]):
-    """Recall@K of an exported model on a test split through the serving runtime, from the raw
-    images (the original bytes in the ingested shards)."""
+def score_version(
+    model_dir: Path, images: list[bytes], test_index: dict, variant: str, ks: list[int]
+):
+    """Recall@K of an exported model on a test split through the serving runtime, from the
+    split's raw images (the original bytes in the ingested shards)."""
     enc = Encoder(model_dir, variant, provider="cpu", chunk_size=128)
-    img = enc.encode_images(test_images(raw, test_index["image_ids"]))
+    img = enc.encode_images(images)
     txt = enc.encode_texts(test_index["captions"], pad_to_max_length=True)
     return retrieval_metrics(img, txt, np.asarray(test_index["image_index"]), ks)
 
@@ -129,9 +131,10 @@ def promote(
     version = client.get_model_version(name, cand)
     parity_ok = version.tags.get("parity_passed") == "true"
     scores = {}
+    images = split_images(raw, test_index["image_ids"])  # one pass over the shards for both
     for v in (cand, champ):
         model_dir = resolve_model(f"models:/{name}/{v}", mlflow_p, root)
-        scores[v] = score_version(model_dir, raw, test_index, p.variant, p.ks)
+        scores[v] = score_version(model_dir, images, test_index, p.variant, p.ks)
     checks = gates(scores[cand], scores[champ], parity_ok, p)
     result = PromoteResult(False, cand, champ, champ, checks, scores[cand], scores[champ])
     if all(g.passed for g in checks):
