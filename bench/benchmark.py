@@ -213,8 +213,9 @@ def main() -> None:
         # produces from the NHWC shards (oneDNN's depthwise convs are much faster on it).
         pix = to_pixels(test.images[np.arange(b) % len(test)]).contiguous()
         pix_cl = pix.to(memory_format=torch.channels_last)
-        ids = torch.from_numpy(test.input_ids[np.arange(b) % len(test.input_ids)])
-        mask = torch.from_numpy(test.attention_mask[np.arange(b) % len(test.input_ids)])
+        rows = np.arange(b) % len(test.input_ids)
+        ids = torch.from_numpy(test.input_ids[rows].astype(np.int64))
+        mask = torch.from_numpy(test.attention_mask[rows].astype(np.int64))
         feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
         pix_np = pix.numpy()
         image_fns = {

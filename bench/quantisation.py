@@ -100,7 +100,7 @@ def main() -> None:
     calib = calib.numpy()
     val = to_pixels(load_split(prepared, "val").images).numpy()
     pixels = to_pixels(test.images).numpy()
-    texts = {"input_ids": test.input_ids, "attention_mask": test.attention_mask}
+    texts = dict(zip(("input_ids", "attention_mask"), test.tokens(), strict=True))
     fp32_image = onnx_dir / tower_file(IMAGE_TOWER)
     img32 = variants.embed_images(fp32_image, pixels)
     val32 = variants.embed_images(fp32_image, val)

@@ -140,7 +140,7 @@ def check_parity(net: DualEncoder, onnx_dir: Path, prepared: Path, p: ExportPara
 
     test = load_split(prepared, "test")
     test_pix = to_pixels(test.images)
-    test_ids, test_mask = torch.from_numpy(test.input_ids), torch.from_numpy(test.attention_mask)
+    test_ids, test_mask = (torch.from_numpy(a) for a in test.tokens())
 
     def both(pix, ids, mask):
         t_img, t_txt = embed_images(net, pix, 256), embed_texts(net, ids, mask, 256)

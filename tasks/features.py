@@ -32,7 +32,15 @@ from model.dual_encoder import DualEncoder
 from tasks.common import stage
 from tasks.common.checkpoint import build_model
 from tasks.common.config import FeaturesParams, Params, TrainParams
-from tasks.common.data import FEATURES_META, Split, cache_identity, load_split, to_pixels
+from tasks.common.data import (
+    FEATURES_META,
+    NpyWriter,
+    Rows,
+    Split,
+    cache_identity,
+    load_split,
+    to_pixels,
+)
 
 CACHED_SPLITS = ("train", "val")  # what train reads; test is only ever scored whole
 
@@ -66,33 +74,33 @@ def why_not_cached(p: FeaturesParams, cfg: ModelConfig, train: TrainParams) -> d
 
 
 @torch.no_grad()
-def image_prefix(net: DualEncoder, images: np.ndarray, cut: int, batch: int) -> np.ndarray:
-    """(N, ...) output of the first `cut` image stages for uint8 (N, S, S, 3) images."""
-    out = [
-        net.image_prefix(to_pixels(images[i : i + batch]), cut)
-        for i in range(0, len(images), batch)
-    ]
-    return torch.cat(out).numpy().astype(np.float32)
+def image_prefix(net: DualEncoder, images: Rows, cut: int, batch: int, out: Path) -> None:
+    """Write the (N, ...) float32 output of the first `cut` image stages to `out`, a chunk of
+    uint8 (B, S, S, 3) images at a time."""
+    writer = NpyWriter(out, len(images))
+    for chunk in images.chunks(batch):
+        writer.write(net.image_prefix(to_pixels(chunk), cut).numpy().astype(np.float32))
+    writer.close()
 
 
 @torch.no_grad()
-def text_prefix(
-    net: DualEncoder, data: Split, cut: int, batch: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Every caption's real-token states after the first `cut` text blocks, concatenated
-    ((T, H) float32), and the (C + 1,) offsets of each caption's rows."""
-    lengths = data.attention_mask.sum(1)
-    if not all(data.attention_mask[c, :n].all() for c, n in enumerate(lengths)):
-        raise ValueError("prepared captions are not right-padded; the text cache needs them so")
-    rows = []
+def text_prefix(net: DualEncoder, data: Split, cut: int, batch: int, out: Path) -> np.ndarray:
+    """Write every caption's real-token states after the first `cut` text blocks, concatenated
+    ((T, H) float32), to `out`, a chunk at a time; return the (C + 1,) offsets of each
+    caption's rows."""
+    lengths = np.concatenate([m.sum(1) for m in data.attention_mask.chunks(8192)])
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    writer = NpyWriter(out, int(offsets[-1]))
     for i in range(0, len(lengths), batch):
         n = lengths[i : i + batch]
-        ids = torch.from_numpy(data.input_ids[i : i + batch, : n.max()])
-        mask = torch.from_numpy(data.attention_mask[i : i + batch, : n.max()])
-        hidden = net.text_prefix(ids, mask, cut)  # (B, L, H)
-        rows += [hidden[r, :k] for r, k in enumerate(n)]
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    return torch.cat(rows).numpy().astype(np.float32), offsets
+        mask = data.attention_mask[i : i + batch][:, : n.max()]
+        if not all(mask[r, :k].all() for r, k in enumerate(n)):
+            raise ValueError("prepared captions are not right-padded; the text cache needs them so")
+        ids = torch.from_numpy(data.input_ids[i : i + batch][:, : n.max()].astype(np.int64))
+        hidden = net.text_prefix(ids, torch.from_numpy(mask.astype(np.int64)), cut)  # (B, L, H)
+        writer.write(torch.cat([hidden[r, :k] for r, k in enumerate(n)]).numpy())
+    writer.close()
+    return offsets
 
 
 def features(
@@ -128,10 +136,9 @@ def features(
 def _cache_split(net: DualEncoder, cuts: dict, prepared: Path, name: str, batch: int, out: Path):
     data = load_split(prepared, name, images=bool(cuts["image"]))
     if cuts["image"]:
-        np.save(out / f"image_{name}.npy", image_prefix(net, data.images, cuts["image"], batch))
+        image_prefix(net, data.images, cuts["image"], batch, out / f"image_{name}.npy")
     if cuts["text"]:
-        values, offsets = text_prefix(net, data, cuts["text"], batch)
-        np.save(out / f"text_{name}.npy", values)
+        offsets = text_prefix(net, data, cuts["text"], batch, out / f"text_{name}.npy")
         np.save(out / f"text_{name}_offsets.npy", offsets)
     return len(data)
 

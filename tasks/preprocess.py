@@ -1,7 +1,8 @@
 """preprocess: split by image, decode and resize once into uint8 shards, tokenise captions.
 
 Streams the raw WebDataset shards (tasks/common/dataset.py), decodes on `preprocess.workers`
-processes, and writes the prepared layout described in tasks/common/data.py. Images are decoded
+processes, and writes the prepared layout described in tasks/common/data.py a shard at a time:
+memory holds one shard per split, whatever the dataset's size. Images are decoded
 by the serving runtime's `load_image`, so training and inference see the same pixels.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +22,15 @@ from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerBa
 from model.config import resolve_pretrained
 from tasks.common import stage
 from tasks.common.config import Params, PreprocessParams
-from tasks.common.data import META_FILE, SPLITS, STATS_FILE, TOKENIZER_DIR
-from tasks.common.dataset import DatasetError, RawSample, image_ids, iter_raw
+from tasks.common.data import INDEX_FILE, META_FILE, SPLITS, STATS_FILE, TOKENIZER_DIR, shard_file
+from tasks.common.dataset import (
+    DatasetError,
+    RawSample,
+    Record,
+    image_ids,
+    iter_raw,
+    iter_records,
+)
 from tasks.common.decode import decode_sample
 from tasks.common.pool import ordered_map
 
@@ -55,7 +64,7 @@ def split_ids(image_ids: list[int], val_fraction: float, test_fraction: float, s
 def build_tokenizer(
     p: PreprocessParams,
     pretrained: str | None,
-    train_captions: list[str],
+    train_captions: Iterable[str],
     allow_downloads: bool = False,
 ) -> PreTrainedTokenizerBase:
     """The pretrained text tower's tokenizer, else a WordPiece vocabulary fit to train captions."""
@@ -67,7 +76,7 @@ def build_tokenizer(
     return BertTokenizerFast(vocab={tok: i for i, tok in enumerate(vocab)}, do_lower_case=True)
 
 
-def _wordpiece_vocab(captions: list[str], size: int) -> list[str]:
+def _wordpiece_vocab(captions: Iterable[str], size: int) -> list[str]:
     """A deterministic WordPiece vocabulary: specials, every character (plain and ##-continuation),
     then the most frequent whole words (ties alphabetical) up to `size` entries.
 
@@ -113,64 +122,68 @@ def _tokenize(
 
 
 class _SplitWriter:
-    """One split's image shards (as they stream in), then its captions and index."""
+    """One split's training shards, written as images stream in: each shard's images, its
+    captions' tokens and their image rows, and the split's index a line per image. Memory holds
+    one shard, whatever the split's size."""
 
-    def __init__(self, d: Path, shard_size: int):
-        self.d, self.shard_size = d, shard_size
-        self.buffer: list[np.ndarray] = []
-        self.records = []
-        self.shards = 0
+    def __init__(self, d: Path, p: PreprocessParams, tokenizer: PreTrainedTokenizerBase):
+        self.d, self.p, self.tokenizer = d, p, tokenizer
+        self.images: list[np.ndarray] = []
+        self.records: list[Record] = []
+        self.count = self.shards = 0
+        self.index = None
         # Exact integer sums of pixel values and their squares (for train stats), per channel.
         self.total, self.total_sq = np.zeros(3, np.uint64), np.zeros(3, np.uint64)
 
     def add(self, sample: RawSample, pixels: np.ndarray) -> None:
         self.records.append(sample.record)
-        self.buffer.append(pixels)
-        if len(self.buffer) == self.shard_size:
+        self.images.append(pixels)
+        if len(self.images) == self.p.shard_size:
             self.flush()
 
     def flush(self) -> None:
-        if not self.buffer:
+        if not self.images:
             return
-        self.d.mkdir(parents=True, exist_ok=True)
-        arr = np.stack(self.buffer)  # (N, S, S, 3) uint8
-        np.save(self.d / f"images_{self.shards:03d}.npy", arr)
+        if self.index is None:
+            self.d.mkdir(parents=True, exist_ok=True)
+            self.index = open(self.d / INDEX_FILE, "w")  # noqa: SIM115 - appended per shard
+        arr = np.stack(self.images)  # (n, S, S, 3) uint8
+        np.save(shard_file(self.d, "images", self.shards), arr)
         for a in range(0, len(arr), 64):  # a float copy of a whole 224 px shard took 2.4 GB
             pix = arr[a : a + 64].reshape(-1, 3).astype(np.uint64)
             self.total += pix.sum(0)
             self.total_sq += (pix * pix).sum(0)
-        self.shards, self.buffer = self.shards + 1, []
-
-    def finish(self, p: PreprocessParams, tokenizer: PreTrainedTokenizerBase) -> None:
-        self.flush()
         texts = [c for r in self.records for c in r.captions]
-        caption_image = [i for i, r in enumerate(self.records) for _ in r.captions]
-        ids, mask = _tokenize(tokenizer, texts, p.max_length)
-        np.savez(
-            self.d / "captions.npz",
-            input_ids=ids,
-            attention_mask=mask,
-            image_index=np.array(caption_image, dtype=np.int32),
-        )
-        index = {
-            "image_ids": [r.image_id for r in self.records],
-            "paths": [r.source_path for r in self.records],
-            "captions": texts,
-        }
-        (self.d / "index.json").write_text(json.dumps(index))
+        rows = [self.count + i for i, r in enumerate(self.records) for _ in r.captions]
+        ids, mask = _tokenize(self.tokenizer, texts, self.p.max_length)
+        np.save(shard_file(self.d, "input_ids", self.shards), ids)
+        np.save(shard_file(self.d, "attention_mask", self.shards), mask)
+        np.save(shard_file(self.d, "caption_image", self.shards), np.array(rows, np.int32))
+        for r in self.records:
+            line = {"image_id": r.image_id, "source_path": r.source_path, "captions": r.captions}
+            self.index.write(json.dumps(line) + "\n")
+        self.count, self.shards = self.count + len(arr), self.shards + 1
+        self.images, self.records = [], []
+
+    def close(self) -> None:
+        self.flush()
+        if self.index is not None:
+            self.index.close()
 
 
 def _decode_splits(
-    p: PreprocessParams, raw: Path, out: Path, splits: dict[str, list[int]]
+    p: PreprocessParams, raw: Path, out: Path, splits: dict[str, list[int]], tokenizer
 ) -> dict[str, _SplitWriter]:
     """Stream the raw shards once; each decoded image goes to its split's writer, in id order."""
     split_of = {i: name for name, ids in splits.items() for i in ids}
-    writers = {name: _SplitWriter(out / name, p.shard_size) for name in SPLITS}
+    writers = {name: _SplitWriter(out / name, p, tokenizer) for name in SPLITS}
     decoded = ordered_map(
         decode_sample, iter_raw(raw), p.workers, dask_address=p.dask_address, size=p.image_size
     )
     for sample, pixels in stage.progress(decoded, desc="preprocess: decoding", unit="img"):
         writers[split_of[sample.record.image_id]].add(sample, pixels)
+    for w in writers.values():
+        w.close()
     return writers
 
 
@@ -187,15 +200,12 @@ def preprocess(
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    writers = _decode_splits(p, raw, out, splits)
-    train_caps = [c for r in writers["train"].records for c in r.captions]
-    tokenizer = build_tokenizer(p, text_pretrained, train_caps, allow_downloads)
+    train_ids = set(splits["train"])
+    train_captions = (c for r in iter_records(raw) if r.image_id in train_ids for c in r.captions)
+    tokenizer = build_tokenizer(p, text_pretrained, train_captions, allow_downloads)
     tokenizer.save_pretrained(out / TOKENIZER_DIR)
-    counts = {}
-    for name, w in writers.items():
-        counts[name] = len(w.records)
-        if w.records:
-            w.finish(p, tokenizer)
+    writers = _decode_splits(p, raw, out, splits, tokenizer)
+    counts = {name: w.count for name, w in writers.items()}
     n = counts["train"] * p.image_size * p.image_size
     mean = writers["train"].total / (n * 255.0)
     std = np.sqrt(np.maximum(writers["train"].total_sq / (n * 255.0**2) - mean**2, 1e-12))

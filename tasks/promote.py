@@ -30,7 +30,7 @@ from tasks.common.config import (
     RegisterParams,
     load_params,
 )
-from tasks.common.data import read_json
+from tasks.common.data import split_index
 from tasks.common.dataset import iter_raw
 from tasks.common.registry import resolve_model
 from xmodal_runtime.encoder import Encoder
@@ -185,9 +185,7 @@ def rollback(
 
 def run(params: Params, root: Path) -> PromoteResult:
     raw = root / params.paths.raw
-    index = read_json(root / params.paths.prepared / "test" / "index.json")
-    caps = np.load(root / params.paths.prepared / "test" / "captions.npz")
-    index["image_index"] = caps["image_index"].tolist()
+    index = split_index(root / params.paths.prepared, "test")
     return promote(params.promote, params.register, params.mlflow, raw, index, root)
 
 

@@ -25,7 +25,6 @@ from model.dual_encoder import DualEncoder
 from model.loss import ClipLoss, LossWeighting, itm_loss
 from model.metrics import retrieval_metrics
 from tasks.common import optim, stage, tracking
-from tasks.common.augment import augment
 from tasks.common.checkpoint import CHECKPOINT, build_model
 from tasks.common.config import Params, TrainParams
 from tasks.common.data import (
@@ -35,8 +34,8 @@ from tasks.common.data import (
     embed_texts,
     load_features,
     load_split,
-    to_pixels,
 )
+from tasks.common.loader import TrainBatches, train_loader
 
 
 @dataclass(frozen=True)
@@ -143,53 +142,6 @@ def train_step(
     return {**{k: v.detach() for k, v in parts.items()}, "total": loss.detach()}
 
 
-class Batches:
-    """Shuffled batches of the train split, one caption per image per step, drawn with the
-    run's own generator: reproducible. Cached frozen prefixes (the features stage) replace the
-    pixels and token ids of the tower they cover."""
-
-    def __init__(
-        self, data: Split, p: TrainParams, device: torch.device, cache: PrefixCache | None = None
-    ) -> None:
-        cache = cache or PrefixCache()
-        for what, cached, want in (
-            ("images", cache.image, len(data)),
-            ("captions", cache.text_offsets, len(data.input_ids) + 1),
-        ):
-            if cached is not None and len(cached) != want:
-                raise ValueError(
-                    f"the features cache does not match the prepared train {what} "
-                    f"({len(cached)} rows for {want}): rerun the features stage"
-                )
-        self.data, self.p, self.device, self.cache = data, p, device, cache
-        self.rng = np.random.default_rng(p.seed)
-        self.captions_of: list[list[int]] = [[] for _ in range(len(data))]
-        for c, i in enumerate(data.image_index):
-            self.captions_of[i].append(c)
-
-    def shuffle(self) -> np.ndarray:
-        return self.rng.permutation(len(self.data))
-
-    def get(self, order: np.ndarray, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        size = self.p.batch_size
-        idx = np.sort(order[b * size : (b + 1) * size])
-        cap = np.array([c[self.rng.integers(len(c))] for c in (self.captions_of[i] for i in idx)])
-        if self.cache.image is not None:
-            image = torch.from_numpy(self.cache.image[idx])  # the frozen stages' output
-        else:
-            image = augment(to_pixels(self.data.images[idx]), self.p.augment)
-        if self.cache.text is not None:
-            text, mask = self.cache.text_batch(cap)  # the frozen blocks' token states
-        else:
-            text = torch.from_numpy(self.data.input_ids[cap])
-            mask = torch.from_numpy(self.data.attention_mask[cap])
-        return (
-            image.to(self.device, non_blocking=True),
-            text.to(self.device),
-            mask.to(self.device),
-        )
-
-
 def _record(t: Trainer, parts: dict, step: int, epoch: int, history, bar, sink, sps: float):
     """One history row and progress update per step; metrics to the sink at the log cadence."""
     loss = float(parts["contrastive"])
@@ -263,43 +215,41 @@ def train(
     )
     # With a cached image prefix the image shards are never read.
     cache = load_features(features, "train", model_cfg, cuts)
-    data = load_split(prepared, "train", images=cache.image is None)
+    batches = TrainBatches(load_split(prepared, "train", cache.image is None), p, cache)
     val, val_cache = None, PrefixCache()
     if (prepared / "val").is_dir():
         val_cache = load_features(features, "val", model_cfg, cuts)
         val = load_split(prepared, "val", images=val_cache.image is None)
-    per_epoch = len(data) // p.batch_size
-    if per_epoch == 0:
-        raise ValueError(f"train.batch_size ({p.batch_size}) exceeds the {len(data)} train images")
-    total = min(p.max_steps or p.epochs * per_epoch, p.epochs * per_epoch)
+    per_epoch = batches.per_epoch
+    total = min(p.max_steps or len(batches), len(batches))
     t = build_trainer(p, net, device, total, (cache.image_cut, cache.text_cut))
-    batches = Batches(data, p, device, cache)
     n_trainable = sum(q.numel() for q in net.parameters() if q.requires_grad)
     n_all = sum(q.numel() for q in net.parameters())
     sink.log({"model/parameters": n_all, "model/trainable_parameters": n_trainable})
     Path(out).mkdir(parents=True, exist_ok=True)
     Path(history_csv).parent.mkdir(parents=True, exist_ok=True)
     step, start, loss = 0, time.perf_counter(), float("nan")
+    loader = train_loader(batches, 0, total, p.workers, pin_memory=device.type == "cuda")
     with (
         open(history_csv, "w", newline="") as f,
         stage.progress(total=total, desc="train", unit="step") as bar,
     ):
         history = csv.writer(f)
         history.writerow(["step", "epoch", "loss", "lr", "temperature"])
-        for epoch in range(p.epochs):
-            net.train()
-            optim.keep_frozen_eval(t.frozen)
-            order = batches.shuffle()
-            for b in range(min(per_epoch, total - step)):
-                t0 = time.perf_counter()
-                batch = batches.get(order, b)
-                parts = train_step(t, *batch, step, epoch + b / per_epoch)
-                step += 1
-                sps = len(batch[1]) / (time.perf_counter() - t0)
-                loss = _record(t, parts, step, epoch, history, bar, sink, sps)
-            _validate(net, val, val_cache, device, sink, step, bar)
-            if step >= total:
-                break
+        t0 = time.perf_counter()
+        for batch in loader:
+            epoch, b = divmod(step, per_epoch)
+            if b == 0:
+                net.train()
+                optim.keep_frozen_eval(t.frozen)
+            batch = [x.to(device, non_blocking=True) for x in batch]
+            parts = train_step(t, *batch, step, epoch + b / per_epoch)
+            step += 1
+            sps = len(batch[1]) / (time.perf_counter() - t0)
+            loss = _record(t, parts, step, epoch, history, bar, sink, sps)
+            if step % per_epoch == 0 or step == total:
+                _validate(net, val, val_cache, device, sink, step, bar)
+            t0 = time.perf_counter()
     seconds = time.perf_counter() - start
     sps = step * p.batch_size / seconds
     sink.log({"train/seconds": seconds, "train/samples_per_s_mean": sps, "train/steps": step})

@@ -50,6 +50,9 @@ TINY = {
         "max_steps": 3,
         "warmup_steps": 1,
         "device": "cpu",
+        # Loader workers are spawned (seconds each); tiny runs read inline. The e2e flow and
+        # tests/test_loader.py run workers.
+        "workers": 0,
         "log_every": 1,
         "image": {"lr": None},
         "text": {"lr": None, "trainable_blocks": None},

@@ -14,7 +14,7 @@ import onnx
 import pytest
 import yaml
 
-from .conftest import extract_raw_images, make_repo
+from .conftest import extract_raw_images, make_repo, tiny_params_dict
 from .test_dvc_deps import STAGES
 
 pytestmark = pytest.mark.slow
@@ -51,7 +51,8 @@ def _xmodal(repo: Path, *args: str) -> str:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    return make_repo(tmp_path_factory.mktemp("xmodal-e2e"))
+    # A loader worker, as the default params run: spawned under the real flow.
+    return make_repo(tmp_path_factory.mktemp("xmodal-e2e"), tiny_params_dict(train={"workers": 1}))
 
 
 @pytest.fixture(scope="module")

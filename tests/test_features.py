@@ -13,11 +13,12 @@ import torch
 from tasks.common.checkpoint import CHECKPOINT, build_model
 from tasks.common.config import validate
 from tasks.common.data import PrefixCache, load_features, load_split, to_pixels
+from tasks.common.loader import TrainBatches
 from tasks.common.tracking import NullSink
 from tasks.features import features, why_not_cached
 from tasks.ingest import ingest
 from tasks.preprocess import preprocess
-from tasks.train import Batches, train
+from tasks.train import train
 
 from .conftest import deep_merge, tiny_params_dict
 
@@ -76,7 +77,7 @@ def test_cached_prefixes_are_the_models_own(prepared):
         data = load_split(root / "prep", split)
         with torch.no_grad():
             live_image = net.pooled_image(to_pixels(data.images))
-            ids, mask = torch.from_numpy(data.input_ids), torch.from_numpy(data.attention_mask)
+            ids, mask = (torch.from_numpy(a) for a in data.tokens())
             live_text = net.text_states(ids, mask)  # (C, L, H), through every block
             hidden, cmask = cache.text_batch(np.arange(len(ids)))
             from_cache = net.text_from(hidden, cmask, cache.text_cut)
@@ -101,7 +102,7 @@ def test_a_partly_frozen_image_tower_caches_its_frozen_stages(prepared):
     pixels = to_pixels(load_split(root / "prep", "val").images)
     with torch.no_grad():
         live = net.encode_image(pixels)
-        cached = net.encode_image_from(torch.from_numpy(cache.image), 17)
+        cached = net.encode_image_from(torch.from_numpy(cache.image[:]), 17)
     assert cache.image.ndim == 4  # (N, C, h, w): the last 2 stages still run each step
     torch.testing.assert_close(cached, live, atol=1e-5, rtol=1e-5)
 
@@ -165,12 +166,7 @@ def test_cache_of_another_split_size_is_refused(prepared):
     data = load_split(root / "prep", "train", images=False)
     assert data.images is None and len(data) == 30
     with pytest.raises(ValueError, match="rerun the features stage"):
-        Batches(data, params.train, torch.device("cpu"), PrefixCache(19, np.zeros((29, 1280))))
+        TrainBatches(data, params.train, PrefixCache(19, np.zeros((29, 1280))))
     offsets = np.zeros(len(data.input_ids))  # one short
     with pytest.raises(ValueError, match="captions"):
-        Batches(
-            data,
-            params.train,
-            torch.device("cpu"),
-            PrefixCache(0, None, 5, np.zeros((1, 4)), offsets),
-        )
+        TrainBatches(data, params.train, PrefixCache(0, None, 5, np.zeros((1, 4)), offsets))

@@ -44,11 +44,12 @@ def test_preprocess_writes_shards_tokens_and_stats(tmp_path: Path):
     test = load_split(tmp_path / "prep", "test")
     assert not set(train.image_ids) & set(test.image_ids)
     stats = json.loads((tmp_path / "prep" / "stats.json").read_text())
-    expected = train.images.reshape(-1, 3).mean(0) / 255
+    expected = np.asarray(train.images).reshape(-1, 3).mean(0) / 255
     assert np.allclose(stats["mean"], expected, atol=1e-5)
     # same input -> byte-identical arrays and tokenizer, whatever the number of decoding processes
     preprocess(p.model_copy(update={"workers": 2}), None, tmp_path / "raw", tmp_path / "prep2")
-    for rel in ("train/images_000.npy", "tokenizer/tokenizer.json", "test/captions.npz"):
+    files = ("train/images_000.npy", "tokenizer/tokenizer.json", "test/input_ids_000.npy")
+    for rel in (*files, "test/attention_mask_000.npy", "train/index.jsonl"):
         assert (tmp_path / "prep" / rel).read_bytes() == (tmp_path / "prep2" / rel).read_bytes()
 
 

@@ -4,7 +4,6 @@ registry (sqlite) holding real exported ONNX models."""
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from tasks import promote as promote_mod
 from tasks import register as register_mod
 from tasks.common.checkpoint import CHECKPOINT, build_model
 from tasks.common.config import validate
+from tasks.common.data import split_index
 from tasks.evaluate import evaluate
 from tasks.export import export
 from tasks.ingest import ingest
@@ -136,9 +136,4 @@ def test_promotion_rollback_refusal_and_race(project, monkeypatch):
 
 
 def _test_index(params, root: Path) -> dict:
-    import numpy as np
-
-    index = json.loads((root / params.paths.prepared / "test" / "index.json").read_text())
-    caps = np.load(root / params.paths.prepared / "test" / "captions.npz")
-    index["image_index"] = caps["image_index"].tolist()
-    return index
+    return split_index(root / params.paths.prepared, "test")

@@ -334,7 +334,7 @@ def test_validation_and_decoding_on_dask_match_a_local_run(tmp_path: Path):
         "raw_{}/manifest.json",
         "q_{}.jsonl",
         "prep_{}/train/images_000.npy",
-        "prep_{}/test/captions.npz",
+        "prep_{}/test/input_ids_000.npy",
     ]
     for rel in same:
         local_bytes = (tmp_path / rel.format("local")).read_bytes()

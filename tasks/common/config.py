@@ -192,6 +192,9 @@ class TrainParams(_Section):
     # Mixed precision: fp16 autocast + GradScaler on CUDA, bf16 autocast on CPU when set to "bf16".
     amp: Literal["auto", "off", "bf16"] = "auto"
     num_threads: int = Field(0, ge=0)
+    # DataLoader worker processes; 0 reads batches in the training process. The batches do not
+    # depend on it (tasks/common/loader.py), so it is not a DVC param of the train stage.
+    workers: int = Field(1, ge=0)
     log_every: int = Field(10, ge=1)
     temperature: TemperatureParams = TemperatureParams()
     loss: LossParams = LossParams()

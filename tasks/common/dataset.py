@@ -86,3 +86,14 @@ def iter_raw(raw: Path) -> Iterator[RawSample]:
                 members[ext] = tar.extractfile(member).read()
             if members:
                 yield _sample(shard, key, members)
+
+
+def iter_records(raw: Path) -> Iterator[Record]:
+    """Every sample's record, in image-id order, without reading its image (tar skips it)."""
+    import tarfile
+
+    for shard in shard_paths(raw):
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if member.name.endswith(".json"):
+                    yield Record(**json.loads(tar.extractfile(member).read()))

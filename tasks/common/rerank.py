@@ -20,7 +20,7 @@ def _tower_states(net: DualEncoder, split: Split, batch: int):
             for i in range(0, len(split), batch)
         ]
     )  # (N, C, h, w)
-    ids, mask = torch.from_numpy(split.input_ids), torch.from_numpy(split.attention_mask)
+    ids, mask = (torch.from_numpy(a) for a in split.tokens())
     hidden = torch.cat(
         [
             net.text_states(ids[i : i + batch], mask[i : i + batch])

@@ -203,5 +203,5 @@ def embed_with_onnx(onnx_dir: Path, variant: str, split: Split, chunk: int = 128
     """(image embeddings, caption embeddings) of a prepared split through ONNX Runtime."""
     img = embed_images(onnx_dir / tower_file(IMAGE_TOWER, variant), to_pixels(split.images))
     txt_sess = make_session(onnx_dir / tower_file(TEXT_TOWER, variant), "cpu")
-    feeds = dict(zip(TEXT_INPUTS, (split.input_ids, split.attention_mask), strict=True))
+    feeds = dict(zip(TEXT_INPUTS, split.tokens(), strict=True))
     return img, run_chunked(txt_sess, feeds, chunk)
