@@ -98,6 +98,16 @@ def deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def ingest_and_preprocess(root: Path, params) -> Path:
+    """The built-in data of `params` ingested under `root` and prepared; the prepared folder."""
+    from tasks.ingest import ingest
+    from tasks.preprocess import preprocess
+
+    ingest(params.ingest, root / "raw", root / "quarantine.jsonl")
+    preprocess(params.preprocess, params.model.text.pretrained, root / "raw", root / "prep")
+    return root / "prep"
+
+
 def tiny_params_dict(**sections) -> dict:
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
     return deep_merge(deep_merge(base, TINY), sections)

@@ -16,11 +16,9 @@ from tasks.common.data import PrefixCache, load_features, load_split, to_pixels
 from tasks.common.loader import TrainBatches
 from tasks.common.tracking import NullSink
 from tasks.features import features, why_not_cached
-from tasks.ingest import ingest
-from tasks.preprocess import preprocess
 from tasks.train import train
 
-from .conftest import deep_merge, tiny_params_dict
+from .conftest import deep_merge, ingest_and_preprocess, tiny_params_dict
 
 # The pretrained pair is what the cache is for: mobilenet_v2 frozen whole (its pooled output is
 # cached), MiniLM's last 2 of 7 blocks training (the states after its first 5 are cached).
@@ -37,8 +35,7 @@ FROZEN = {
 def prepared(tmp_path_factory) -> tuple[Path, object]:
     root = tmp_path_factory.mktemp("features")
     params = validate(tiny_params_dict(**FROZEN))
-    ingest(params.ingest, root / "raw", root / "quarantine.jsonl")
-    preprocess(params.preprocess, params.model.text.pretrained, root / "raw", root / "prep")
+    ingest_and_preprocess(root, params)
     features(params.features, params.model, params.train, root / "prep", root / "feat")
     return root, params
 

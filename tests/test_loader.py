@@ -13,9 +13,7 @@ import torch
 from tasks.common.config import validate
 from tasks.common.data import NpyWriter, PrefixCache, Rows, load_split
 from tasks.common.loader import Position, TrainBatches, train_loader
-from tasks.ingest import ingest
-from tasks.preprocess import preprocess
-from tests.conftest import tiny_params_dict
+from tests.conftest import ingest_and_preprocess, tiny_params_dict
 
 # Crops on: augmentation is random, and must be drawn from (seed, epoch, batch) all the same.
 AUGMENT = {"train": {"epochs": 3, "batch_size": 5, "augment": {"crop_scale": [0.5, 1.0]}}}
@@ -25,9 +23,7 @@ AUGMENT = {"train": {"epochs": 3, "batch_size": 5, "augment": {"crop_scale": [0.
 def prepared(tmp_path_factory) -> tuple[Path, object]:
     root = tmp_path_factory.mktemp("loader")
     params = validate(tiny_params_dict(**AUGMENT))
-    ingest(params.ingest, root / "raw", root / "quarantine.jsonl")
-    preprocess(params.preprocess, params.model.text.pretrained, root / "raw", root / "prep")
-    return root / "prep", params
+    return ingest_and_preprocess(root, params), params
 
 
 def _stream(batches: TrainBatches, start: int, workers: int) -> list[tuple[torch.Tensor, ...]]:
