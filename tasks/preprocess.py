@@ -103,22 +103,14 @@ def _wordpiece_vocab(captions: Iterable[str], size: int) -> list[str]:
 
 
 def _tokenize(
-    tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int, batch: int = 8192
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(C, L) int32 ids and int8 mask, a batch at a time: the tokenizer's per-caption objects
-    for a whole split took gigabytes at 100k images."""
-    ids = np.zeros((len(texts), max_length), np.int32)
-    mask = np.zeros((len(texts), max_length), np.int8)
-    for a in range(0, len(texts), batch):
-        enc = tokenizer(
-            texts[a : a + batch],
-            padding="max_length",
-            truncation=True,
-            max_length=max_length,
-            return_tensors="np",
-        )
-        ids[a : a + batch], mask[a : a + batch] = enc["input_ids"], enc["attention_mask"]
-    return ids, mask
+    """(C, L) int32 ids and int8 mask of one shard's captions (a whole split's at once took
+    gigabytes of the tokenizer's per-caption objects at 100k images)."""
+    enc = tokenizer(
+        texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="np"
+    )
+    return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int8)
 
 
 class _SplitWriter:

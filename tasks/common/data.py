@@ -34,7 +34,6 @@ TOKENIZER_DIR = "tokenizer"
 STATS_FILE = "stats.json"
 META_FILE = "meta.json"
 INDEX_FILE = "index.jsonl"
-SHARD_ARRAYS = ("images", "input_ids", "attention_mask", "caption_image")
 FEATURES_META = "meta.json"  # in paths.features, written by the features stage
 
 
