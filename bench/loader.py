@@ -78,7 +78,7 @@ import torch
 from tasks.common.checkpoint import build_model
 from tasks.common.data import load_features, load_split
 from tasks.common.loader import TrainBatches, train_loader
-from tasks.train import build_trainer, train_step
+from tasks.common.trainer import build_trainer, train_step
 net = build_model(params.model, root / "prep")
 p = params.train
 cuts = (net.frozen_blocks("image", p.image.trainable_blocks),

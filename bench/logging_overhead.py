@@ -24,8 +24,9 @@ import torch
 from bench.benchmark import machine
 from tasks.common.checkpoint import build_model
 from tasks.common.config import load_params
-from tasks.common.data import load_split
-from tasks.train import Batches, build_trainer, train_step
+from tasks.common.data import load_features, load_split
+from tasks.common.loader import TrainBatches
+from tasks.common.trainer import build_trainer, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,17 +45,19 @@ def main() -> None:
     torch.manual_seed(0)
     prepared = ROOT / params.paths.prepared
     device = torch.device("cpu")
-    data = load_split(prepared, "train")
     net = build_model(params.model, prepared)
-    # The real training step (tasks.train.train_step), not a copy of it.
-    trainer = build_trainer(p, net, device, total=10**6)
-    batches = Batches(data, p, device)
-    order = batches.shuffle()
+    cuts = (
+        net.frozen_blocks("image", p.image.trainable_blocks),
+        net.frozen_blocks("text", p.text.trainable_blocks),
+    )
+    cache = load_features(ROOT / params.paths.features, "train", params.model, cuts)
+    batches = TrainBatches(load_split(prepared, "train", cache.image is None), p, cache)
+    # The real training step (tasks.common.trainer.train_step), not a copy of it.
+    trainer = build_trainer(p, net, device, 10**6, (cache.image_cut, cache.text_cut))
     n_steps = [0]
 
     def step() -> dict[str, float]:
-        b = n_steps[0] % (len(data) // p.batch_size)
-        batch = batches.get(order, b)
+        batch = batches[n_steps[0] % len(batches)]
         parts = train_step(trainer, *batch, n_steps[0], 0.0)
         n_steps[0] += 1
         # the payload train logs each log_every steps

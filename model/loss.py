@@ -2,22 +2,47 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch import nn
 
+# The public autograd all_gather; the replacement its warning suggests lives in the private
+# torch.distributed._functional_collectives, where it has been renamed twice.
+warnings.filterwarnings("ignore", "torch.distributed.nn.functional.all_gather is deprecated")
+
 
 class ClipLoss(nn.Module):
-    """Mean of image->text and text->image cross-entropy over in-batch pairs."""
+    """Mean of image->text and text->image cross-entropy over in-batch pairs.
+
+    With world_size > 1 each rank holds a slice of the global batch: the other ranks' features
+    are all-gathered with their gradients and the rank's loss is that of its own rows against the
+    whole batch (OpenCLIP's gather_with_grad + local_loss). The ranks' mean is the global batch's
+    loss, and DDP's gradient average is its gradient.
+    """
+
+    def __init__(self, rank: int = 0, world_size: int = 1) -> None:
+        super().__init__()
+        self.rank, self.world_size = rank, world_size
 
     def forward(
         self, image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor
     ) -> torch.Tensor:
         # image_emb, text_emb: (B, D), L2-normalised; row i of each is a matching pair.
-        logits_per_image = logit_scale * image_emb @ text_emb.T  # (B, B)
+        if self.world_size == 1:
+            logits_per_image = logit_scale * image_emb @ text_emb.T  # (B, B)
+            logits_per_text = logits_per_image.T
+        else:
+            all_image = torch.cat(dist_nn.all_gather(image_emb))  # (world * B, D)
+            all_text = torch.cat(dist_nn.all_gather(text_emb))
+            logits_per_image = logit_scale * image_emb @ all_text.T  # (B, world * B)
+            logits_per_text = logit_scale * text_emb @ all_image.T
         labels = torch.arange(image_emb.shape[0], device=image_emb.device)
+        labels = labels + self.rank * image_emb.shape[0]
         loss_i2t = F.cross_entropy(logits_per_image, labels)
-        loss_t2i = F.cross_entropy(logits_per_image.T, labels)
+        loss_t2i = F.cross_entropy(logits_per_text, labels)
         return (loss_i2t + loss_t2i) / 2
 
 

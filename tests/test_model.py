@@ -9,7 +9,7 @@ from model.dual_encoder import DualEncoder
 from model.loss import ClipLoss
 from tasks.common.config import TrainParams
 from tasks.common.optim import param_groups
-from tasks.train import autocast_settings
+from tasks.common.trainer import autocast_settings
 
 from .conftest import SCRATCH_IMAGE, scratch_text
 

@@ -52,6 +52,9 @@ class PathsParams(_Section):
     prepared: str = "data/prepared"
     features: str = "data/features"
     train: str = "models/train"
+    # train's resumable checkpoints and torchrun's rank logs: not a DVC output, so a rerun of
+    # the stage after a crash finds them (DVC deletes a stage's outputs before running it)
+    train_state: str = "models/train-state"
     train_history: str = "reports/train_history.csv"
     metrics: str = "reports/metrics.json"
     recall_plot: str = "reports/recall_at_k.csv"
@@ -178,6 +181,18 @@ class AugmentParams(_Section):
         return self
 
 
+class DistributedParams(_Section):
+    # More than one process (or node) makes the train stage launch itself under torchrun.
+    nproc_per_node: int = Field(1, ge=1)
+    nnodes: int = Field(1, ge=1)
+    # Multi-node rendezvous (torchrun's c10d backend): every node runs the stage with the same
+    # endpoint (host:port of one of them) and id. Unused on one node, which rendezvouses locally.
+    rdzv_endpoint: str | None = None
+    rdzv_id: str = "xmodal"
+    # BatchNorm statistics over the global batch (SyncBatchNorm); CUDA only, as in PyTorch.
+    sync_batchnorm: bool = True
+
+
 class TrainParams(_Section):
     seed: int = 0
     epochs: int = Field(8, ge=1)
@@ -196,12 +211,44 @@ class TrainParams(_Section):
     # depend on it (tasks/common/loader.py), so it is not a DVC param of the train stage.
     workers: int = Field(1, ge=0)
     log_every: int = Field(10, ge=1)
+    # Micro-batches per optimiser step (OpenCLIP's accum_freq): features of the whole batch are
+    # cached, so the contrastive loss still sees train.batch_size pairs.
+    accum_freq: int = Field(1, ge=1)
+    # A resumable checkpoint every this many steps, and at each epoch's end (paths.train_state).
+    checkpoint_every: int = Field(100, ge=1)
+    # auto: continue from the latest checkpoint of the same params and data; never: start over.
+    resume: Literal["auto", "never"] = "auto"
+    # A non-finite loss stops training (naming the step), or, when true, skips that step.
+    skip_nonfinite: bool = False
+    channels_last: bool = False  # image batches and tower in channels-last memory format
+    tf32: bool = True  # TF32 matmuls and convolutions on CUDA (Ampere and later)
+    compile: bool = False  # torch.compile the model
+    distributed: DistributedParams = DistributedParams()
     temperature: TemperatureParams = TemperatureParams()
     loss: LossParams = LossParams()
     image: ImageOptim = ImageOptim()
     text: TextOptim = TextOptim()
     heads: HeadsOptim = HeadsOptim()
     augment: AugmentParams = AugmentParams()
+
+    @model_validator(mode="after")
+    def _check_batch_split(self) -> TrainParams:
+        d = self.distributed
+        parts = d.nproc_per_node * d.nnodes * self.accum_freq
+        if self.batch_size % parts:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must divide evenly into {parts} micro-batches "
+                "(distributed.nproc_per_node x distributed.nnodes x accum_freq)"
+            )
+        if self.accum_freq > 1 and self.loss.weighting == "uncertainty":
+            # Its regulariser (+ log variance) would be counted once per micro-batch.
+            raise ValueError("accum_freq > 1 needs loss.weighting fixed or schedule")
+        return self
+
+
+# Train settings that cannot change the trained weights: left out of the train stage's DVC
+# params and of the fingerprint a resumed run must match.
+RUN_INVARIANT_TRAIN_KEYS = ("workers", "checkpoint_every", "resume")
 
 
 class FeaturesParams(_Section):
@@ -312,11 +359,19 @@ class Params(_Section):
         weights (TRAINING_SECTIONS). Train stores it in the checkpoint, export copies it into
         meta.json, and register tags the version with that stored value, so all three agree; a
         change to evaluate, export or register settings leaves it unchanged."""
-        blob = json.dumps(
-            {k: getattr(self, k).model_dump(mode="json") for k in TRAINING_SECTIONS},
-            sort_keys=True,
-        ).encode()
-        return hashlib.sha256(blob).hexdigest()
+        return _sha256({k: getattr(self, k).model_dump(mode="json") for k in TRAINING_SECTIONS})
+
+    def resume_key(self) -> str:
+        """params_hash without RUN_INVARIANT_TRAIN_KEYS: a checkpoint written under one resume
+        key continues exactly under any params with the same key."""
+        sections = {k: getattr(self, k).model_dump(mode="json") for k in TRAINING_SECTIONS}
+        for key in RUN_INVARIANT_TRAIN_KEYS:
+            del sections["train"][key]
+        return _sha256(sections)
+
+
+def _sha256(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
 def _format_errors(err: ValidationError) -> str:

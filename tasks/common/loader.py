@@ -43,9 +43,21 @@ class Position:
 class TrainBatches(Dataset):
     """Item s: the batch of global step s, (image, text, mask) tensors. Image is pixels
     (B, 3, S, S) in [0, 1], or the cached frozen prefix; text is token ids (B, L) or the cached
-    token states (B, L, H). One caption per image per step, drawn at random."""
+    token states (B, L, H). One caption per image per step, drawn at random.
 
-    def __init__(self, data: Split, p: TrainParams, cache: PrefixCache | None = None) -> None:
+    Under DDP, rank r of `world` takes the r-th contiguous share of each global batch: the ranks
+    together see exactly the batch one process would, and the captions drawn for it. Random crops
+    are drawn per rank (seeded with the rank too), so with augmentation on they depend on the
+    number of ranks."""
+
+    def __init__(
+        self,
+        data: Split,
+        p: TrainParams,
+        cache: PrefixCache | None = None,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
         cache = cache or PrefixCache()
         for what, cached, want in (
             ("images", cache.image, len(data)),
@@ -57,6 +69,7 @@ class TrainBatches(Dataset):
                     f"({len(cached)} rows for {want}): rerun the features stage"
                 )
         self.data, self.p, self.cache = data, p, cache
+        self.rank, self.share = rank, p.batch_size // world
         self.per_epoch = len(data) // p.batch_size
         if self.per_epoch == 0:
             raise ValueError(
@@ -82,11 +95,13 @@ class TrainBatches(Dataset):
         offsets = self.data.caption_offsets
         counts = offsets[idx + 1] - offsets[idx]
         cap = offsets[idx] + (rng.random(len(idx)) * counts).astype(np.int64)
+        mine = slice(self.rank * self.share, (self.rank + 1) * self.share)
+        idx, cap = idx[mine], cap[mine]
         if self.cache.image is not None:
             image = torch.from_numpy(self.cache.image[idx])  # the frozen stages' output
         else:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int(rng.integers(2**63)))
+                torch.manual_seed(int(rng.integers(2**63)) + self.rank)
                 image = augment(to_pixels(self.data.images[idx]), self.p.augment)
         if self.cache.text is not None:
             text, mask = self.cache.text_batch(cap)  # the frozen blocks' token states

@@ -118,8 +118,9 @@ def run_stage(name: str, fn: StageFn, root: Path | str = ".", force: bool = Fals
     return StageOutcome(name, False, time.perf_counter() - start, result)
 
 
-# What bad input raises: invalid params, malformed data, missing inputs, undecodable files.
-USER_ERRORS = (ValueError, OSError)
+# What bad input raises: invalid params, malformed data, missing inputs, undecodable files, and a
+# run that diverged (train's NonFiniteLoss names the step).
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
 
 
 def main(name: str, fn: StageFn, argv: list[str] | None = None) -> Any:
@@ -147,13 +148,17 @@ def main(name: str, fn: StageFn, argv: list[str] | None = None) -> Any:
         metavar="KEY=VALUE",
         help="override a param by dotted key, e.g. -S train.lr=0.001 (repeatable)",
     )
+    parser.add_argument(
+        "--root", type=Path, help="project root (default: the params file's folder)"
+    )
     parser.add_argument("--verbose", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # force: importing Prefect gave the root logger a handler, which would make this a no-op.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", force=True)
     try:
         params = load_params(args.params, args.overrides, args.presets)
-        return fn(params, args.params.resolve().parent)
-    except USER_ERRORS as err:
+        return fn(params, (args.root or args.params.resolve().parent).resolve())
+    except (*USER_ERRORS, StageFailed) as err:
         if args.verbose:
             raise
         # One line naming the problem (bad params, data or a missing upstream output); the

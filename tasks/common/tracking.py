@@ -127,22 +127,47 @@ class NullSink:
         pass
 
 
+def _existing_run(run_id: str | None) -> str | None:
+    if not run_id:
+        return None
+    try:
+        mlflow.get_run(run_id)
+    except MlflowException:
+        return None
+    return run_id
+
+
 @contextmanager
 def training_run(
-    p: MlflowParams, root: Path, run_dir: Path, params: dict[str, Any], tags: dict[str, str]
+    p: MlflowParams,
+    root: Path,
+    run_dir: Path,
+    params: dict[str, Any],
+    tags: dict[str, str],
+    resume_run_id: str | None = None,
 ) -> Iterator[tuple[str, MlflowSink]]:
-    """Start the pipeline's MLflow run (params, lineage tags, system metrics), record its id in
-    `run_dir/RUN_FILE` for the later stages, and yield (run id, sink)."""
+    """Start the pipeline's MLflow run (params, lineage tags, system metrics), or continue
+    `resume_run_id` when it still exists; record its id in `run_dir/RUN_FILE` for the later
+    stages, and yield (run id, sink)."""
     setup(p, root)
     run_name, run_tags = run_identity()
     mlflow.set_system_metrics_sampling_interval(p.system_metrics_interval)
     mlflow.set_system_metrics_samples_before_logging(1)
-    with mlflow.start_run(run_name=run_name, log_system_metrics=p.system_metrics) as run:
+    resumed = _existing_run(resume_run_id)
+    with mlflow.start_run(
+        run_id=resumed, run_name=None if resumed else run_name, log_system_metrics=p.system_metrics
+    ) as run:
         (Path(run_dir) / RUN_FILE).write_text(json.dumps({"run_id": run.info.run_id}))
-        mlflow.log_params(mlflow_params(params))
+        if not resumed:  # a resumed run has them already, with these values
+            mlflow.log_params(mlflow_params(params))
         mlflow.set_tags({**tags, **git_state(root), **run_tags})
         sink = MlflowSink()
         try:
             yield run.info.run_id, sink
         finally:
             sink.flush()
+
+
+def set_tags(tags: dict[str, str]) -> None:
+    """Tags on the active run."""
+    mlflow.set_tags(tags)
