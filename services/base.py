@@ -14,7 +14,10 @@ from pathlib import Path
 
 HOST = "127.0.0.1"
 WORK_POOL = "xmodal-process"
-DEPLOYMENTS = ("training-pipeline/default", "batch-inference/default")
+# The GPU deployment's pool: created here so that `prefect deploy --all` finds it; its worker
+# runs on the GPU machine (prefect.yaml), never started by these scripts.
+GPU_WORK_POOL = "xmodal-gpu"
+DEPLOYMENTS = ("training-pipeline/default", "training-pipeline/gpu", "batch-inference/default")
 # Start order; stop runs it backwards so the worker goes before the server it polls.
 ORDER = ("postgres", "prefect-server", "mlflow-server", "prefect-worker")
 

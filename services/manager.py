@@ -26,6 +26,7 @@ from pathlib import Path
 from services import postgres
 from services.base import (
     DEPLOYMENTS,
+    GPU_WORK_POOL,
     HOST,
     ORDER,
     WORK_POOL,
@@ -178,11 +179,12 @@ def start_mlflow_server(s: Services) -> None:
 
 
 def deploy(s: Services) -> None:
-    """Create the process work pool and the deployments in prefect.yaml."""
+    """Create the process work pools and the deployments in prefect.yaml."""
     env = {**s.client_env(), **s.extra_env}
     prefect = venv_bin("prefect")
-    _run(s, "deploy", [prefect, "work-pool", "create", WORK_POOL, "--type", "process",
-                       "--overwrite"], env)  # fmt: skip
+    for pool in (WORK_POOL, GPU_WORK_POOL):
+        _run(s, "deploy", [prefect, "work-pool", "create", pool, "--type", "process",
+                           "--overwrite"], env)  # fmt: skip
     _run(s, "deploy", [prefect, "--no-prompt", "deploy", "--all"], env)
 
 
