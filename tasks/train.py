@@ -183,6 +183,9 @@ def _setup(p, model_cfg, prepared, features, world: World):
     """The model and its trainer on this rank's device, this rank's batches, the val split."""
     torch.manual_seed(p.seed + world.rank)  # dropout differs per rank; DDP syncs the weights
     torch.use_deterministic_algorithms(True, warn_only=True)
+    # The NaN fill of every new tensor that deterministic mode adds by default is a debugging aid
+    # for kernels reading uninitialised memory; it was 7.6 % of a step (bench/results.md).
+    torch.utils.deterministic.fill_uninitialized_memory = False
     if p.num_threads:
         torch.set_num_threads(p.num_threads)
     device = distributed.select_device(p.device, world.local_rank)
