@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from services.base import ServiceError, Services, require_postgres_binaries
+from services.base import DEPLOYMENTS, ServiceError, Services, require_postgres_binaries
 from services.manager import start, status, stop
 from services.postgres import remove_cluster
 
@@ -152,7 +152,8 @@ def test_deployment_run_completes_against_mlflow_server(services: Services, depl
     assert not (services.root / "mlflow.db").exists()
     if services.backend == "postgres":
         assert _pg_count(services, "mlflow", "SELECT count(*) FROM model_versions") == 1
-        assert _pg_count(services, "prefect", "SELECT count(*) FROM deployment") == 2
+        deployments = _pg_count(services, "prefect", "SELECT count(*) FROM deployment")
+        assert deployments == len(DEPLOYMENTS)
         assert _pg_count(services, "prefect", "SELECT count(*) FROM flow_run") >= 1
 
 

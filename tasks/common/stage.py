@@ -153,8 +153,10 @@ def main(name: str, fn: StageFn, argv: list[str] | None = None) -> Any:
     )
     parser.add_argument("--verbose", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
-    # force: importing Prefect gave the root logger a handler, which would make this a no-op.
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", force=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # Importing Prefect gave the root logger a handler (basicConfig is then a no-op) and left it
+    # at WARNING: the project's own INFO lines still reach that handler through this level.
+    log.setLevel(logging.INFO)
     try:
         params = load_params(args.params, args.overrides, args.presets)
         return fn(params, (args.root or args.params.resolve().parent).resolve())
