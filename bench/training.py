@@ -31,7 +31,9 @@ from bench.benchmark import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 
-BARE = """
+# What both timings share: the model with the stage's frozen blocks, its batches, and the bare
+# step (features, ClipLoss, backward, clip, AdamW: nothing else).
+SETUP = """
 import json, sys, time
 import torch
 from pathlib import Path
@@ -55,36 +57,6 @@ batches = TrainBatches(load_split(root / "data/prepared", "train", cache.image i
 opt = torch.optim.AdamW([q for q in net.parameters() if q.requires_grad], lr=p.lr,
                         weight_decay=p.weight_decay)
 loss_fn = ClipLoss()
-for s in range(steps):
-    if s == 10:
-        t0 = time.perf_counter()
-    image, text, mask = batches[s]
-    f = net.features(image, text, mask, cache.image_cut, cache.text_cut)
-    loss = loss_fn(f.image, f.text, f.scale)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(net.parameters(), p.grad_clip)
-    opt.step()
-print(json.dumps({"samples_per_s": (steps - 10) * p.batch_size / (time.perf_counter() - t0)}))
-"""
-
-
-# The project's training step (tasks.common.trainer.train_step, with the deterministic algorithms
-# train() turns on, its AdamW groups, scheduler and finite checks) against the bare step (without
-# them), on two copies of the same model in one process, in alternating blocks of 8 steps.
-STEPS = (
-    BARE.split("opt = torch.optim.AdamW")[0]
-    + """
-from tasks.common import optim
-from tasks.common.trainer import build_trainer, train_step
-twin = build_model(params.model, root / "data/prepared")
-twin.load_state_dict(net.state_dict())
-t = build_trainer(p, twin, torch.device("cpu"), 10**6, (cache.image_cut, cache.text_cut))
-twin.train()
-optim.keep_frozen_eval(t.frozen)
-opt = torch.optim.AdamW([q for q in net.parameters() if q.requires_grad], lr=p.lr,
-                        weight_decay=p.weight_decay)
-loss_fn = ClipLoss()
 def bare(s):
     image, text, mask = batches[s]
     f = net.features(image, text, mask, cache.image_cut, cache.text_cut)
@@ -93,6 +65,33 @@ def bare(s):
     loss.backward()
     torch.nn.utils.clip_grad_norm_(net.parameters(), p.grad_clip)
     opt.step()
+"""
+
+# The bare loop in its own process, timed over steps 10..N as the stage is.
+BARE = (
+    SETUP
+    + """
+for s in range(steps):
+    if s == 10:
+        t0 = time.perf_counter()
+    bare(s)
+print(json.dumps({"samples_per_s": (steps - 10) * p.batch_size / (time.perf_counter() - t0)}))
+"""
+)
+
+# The project's training step (tasks.common.trainer.train_step, with the deterministic algorithms
+# train() turns on, its AdamW groups, scheduler and finite checks) against the bare step (without
+# them), on two copies of the same model in one process, in alternating blocks of 8 steps.
+STEPS = (
+    SETUP
+    + """
+from tasks.common import optim
+from tasks.common.trainer import build_trainer, train_step
+twin = build_model(params.model, root / "data/prepared")
+twin.load_state_dict(net.state_dict())
+t = build_trainer(p, twin, torch.device("cpu"), 10**6, (cache.image_cut, cache.text_cut))
+twin.train()
+optim.keep_frozen_eval(t.frozen)
 def project(s):
     train_step(t, *batches[s], s, 0.0)
 seconds = {"bare": 0.0, "project": 0.0}
