@@ -204,7 +204,7 @@ def _setup(p, model_cfg, prepared, features, world: World):
         val = load_split(prepared, "val", images=val_cache.image is None)
     total = min(p.max_steps or len(batches), len(batches))
     t = build_trainer(p, net, device, total, (cache.image_cut, cache.text_cut), world)
-    return t, batches, (val, val_cache), device
+    return t, batches, (val, val_cache)
 
 
 def _loop(t: Trainer, batches, validation, s: Session, ck, sink, rng, run_id) -> float:
@@ -240,7 +240,7 @@ def _loop(t: Trainer, batches, validation, s: Session, ck, sink, rng, run_id) ->
                 c0 = time.perf_counter()
                 state = _state(t, done, s, ck, run_id)
                 if state is not None:
-                    size = save_state(ck.folder, done, state).stat().st_size
+                    size = save_state(ck.folder, done, state)
                     sink.log({"train/checkpoint_seconds": time.perf_counter() - c0,
                               "train/checkpoint_mb": size / 2**20}, done)  # fmt: skip
             t0 = time.perf_counter()
@@ -266,7 +266,7 @@ def train(
     checkpoints go; `resumed`: the checkpoint to continue from; `world`: this rank (rank 0
     validates, logs and writes)."""
     world, ck = world or World(), ck or Checkpointing()
-    t, batches, validation, _ = _setup(p, model_cfg, prepared, features, world)
+    t, batches, validation = _setup(p, model_cfg, prepared, features, world)
     s = _restore(t, resumed) if resumed else Session()
     if not world.is_main:
         sink = tracking.NullSink()

@@ -64,23 +64,31 @@ def test_ddp_on_two_gloo_processes_equals_one_process(tmp_path, prepared):
         torch.testing.assert_close(two["weights"][name], w, atol=1e-5, rtol=0, msg=name)
 
 
-def _one_step(prepared: Path, **train) -> tuple[dict, dict]:
+def _trainer(prepared: Path, **train):
+    """A trainer on the tiny model (seed 0, train mode, frozen blocks in eval) and its batches."""
     from tasks.common import optim
     from tasks.common.checkpoint import build_model
     from tasks.common.config import validate
     from tasks.common.data import load_split
     from tasks.common.loader import TrainBatches
-    from tasks.common.trainer import build_trainer, train_step
+    from tasks.common.trainer import build_trainer
 
     params = validate(params_dict(**train))
     torch.manual_seed(0)
     net = build_model(params.model, prepared)
-    batch = TrainBatches(load_split(prepared, "train"), params.train)[0]
+    batches = TrainBatches(load_split(prepared, "train"), params.train)
     t = build_trainer(params.train, net, torch.device("cpu"), total=10)
     net.train()
     optim.keep_frozen_eval(t.frozen)
-    parts = train_step(t, *batch, 0, 0.0)
-    return parts, {n: q.grad.clone() for n, q in net.named_parameters() if q.grad is not None}
+    return t, batches
+
+
+def _one_step(prepared: Path, **train) -> tuple[dict, dict]:
+    from tasks.common.trainer import train_step
+
+    t, batches = _trainer(prepared, **train)
+    parts = train_step(t, *batches[0], 0, 0.0)
+    return parts, {n: q.grad.clone() for n, q in t.net.named_parameters() if q.grad is not None}
 
 
 @pytest.mark.parametrize("k", [2, 4])
@@ -93,17 +101,11 @@ def test_accumulation_over_cached_features_equals_one_larger_batch(prepared, k):
 
 
 def test_non_finite_loss_stops_with_the_step_or_is_skipped(prepared):
-    from tasks.common.checkpoint import build_model
-    from tasks.common.config import validate
-    from tasks.common.data import load_split
-    from tasks.common.loader import TrainBatches
-    from tasks.common.trainer import NonFiniteLoss, build_trainer, train_step
+    from tasks.common.trainer import NonFiniteLoss, train_step
 
     for skip in (False, True):
-        params = validate(params_dict(skip_nonfinite=skip))
-        net = build_model(params.model, prepared)
-        batch = TrainBatches(load_split(prepared, "train"), params.train)[0]
-        t = build_trainer(params.train, net, torch.device("cpu"), total=10)
+        t, batches = _trainer(prepared, skip_nonfinite=skip)
+        net, batch = t.net, batches[0]
         train_step(t, *batch, 0, 0.0)
         with torch.no_grad():
             net.text_proj.weight[0, 0] = float("nan")
@@ -119,9 +121,8 @@ def test_non_finite_loss_stops_with_the_step_or_is_skipped(prepared):
 
 
 def test_checkpoints_are_atomic_and_never_hold_non_finite_weights(tmp_path, prepared):
-    from tasks.common.checkpoint import build_model, save_atomic
-    from tasks.common.config import validate
-    from tasks.common.trainer import NonFiniteLoss, build_trainer
+    from tasks.common.checkpoint import save_atomic
+    from tasks.common.trainer import NonFiniteLoss
     from tasks.train import Checkpointing, Session, _state
 
     path = tmp_path / "state.pt"
@@ -129,8 +130,7 @@ def test_checkpoints_are_atomic_and_never_hold_non_finite_weights(tmp_path, prep
     with pytest.raises(Exception):  # noqa: B017 - whatever torch.save raises midway
         save_atomic({"step": 2, "bad": lambda: None}, path)
     assert torch.load(path, weights_only=True) == {"step": 1}  # the old file, whole
-    params = validate(params_dict())
-    t = build_trainer(params.train, build_model(params.model, prepared), torch.device("cpu"), 10)
+    t, _ = _trainer(prepared)
     with torch.no_grad():
         t.net.logit_scale.fill_(float("inf"))
     with pytest.raises(NonFiniteLoss, match="no checkpoint written"):
@@ -226,20 +226,6 @@ def test_stage_launches_torchrun_and_fails_with_a_rank_s_message(tmp_path, prepa
     assert proc.returncode == 2 and "Traceback" not in out + err
     last = err.strip().splitlines()[-1]
     assert last.startswith("stage train failed: RankFailed: rank ") and "meta.json" in last
-
-
-def _trainer(prepared: Path, **train):
-    from tasks.common.checkpoint import build_model
-    from tasks.common.config import validate
-    from tasks.common.data import load_split
-    from tasks.common.loader import TrainBatches
-    from tasks.common.trainer import build_trainer
-
-    params = validate(params_dict(**train))
-    torch.manual_seed(0)
-    net = build_model(params.model, prepared)
-    batches = TrainBatches(load_split(prepared, "train"), params.train)
-    return build_trainer(params.train, net, torch.device("cpu"), total=10), batches
 
 
 def test_gpu_paths_run_on_cpu_with_bf16_autocast_and_channels_last(prepared):

@@ -79,15 +79,14 @@ def save_atomic(obj: dict, path: Path) -> int:
     return path.stat().st_size
 
 
-def save_state(folder: Path, step: int, state: dict) -> Path:
-    """Write the state of `step` and drop all but the KEEP_STATES newest."""
+def save_state(folder: Path, step: int, state: dict) -> int:
+    """Write the state of `step`, drop all but the KEEP_STATES newest; return its bytes."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    path = state_path(folder, step)
-    save_atomic(state, path)
+    size = save_atomic(state, state_path(folder, step))
     for old in sorted(folder.glob(f"{STATE_PREFIX}*.pt"))[:-KEEP_STATES]:
         old.unlink()
-    return path
+    return size
 
 
 def latest_state(folder: Path, resume_key: str) -> tuple[dict | None, list[str]]:
