@@ -35,7 +35,10 @@ def services_start(
     postgres_port: Annotated[int, typer.Option(envvar="XMODAL_POSTGRES_PORT")] = 5432,
     timeout: Annotated[float, typer.Option(help="seconds to wait for each health check")] = 180,
 ) -> None:
-    """Start Prefect server, work pool, deployments, worker and MLflow server; wait for health."""
+    """Start Prefect server, work pool, deployments, worker and MLflow server; wait for health.
+
+    Refuses while this state dir's services run; a failed start stops only what it started.
+    """
     from services.manager import ServiceError, start
 
     if backend not in ("sqlite", "postgres"):

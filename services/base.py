@@ -5,6 +5,7 @@ Kept apart from the manager and the PostgreSQL module so that neither imports th
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -54,6 +55,10 @@ class Services:
     def pid_file(self, name: str) -> Path:
         return self.state / "pids" / f"{name}.pid"
 
+    def record_file(self, name: str) -> Path:
+        """Beside the pid file: what the process serves, and its start time (pid reuse)."""
+        return self.state / "pids" / f"{name}.json"
+
     def log_file(self, name: str) -> Path:
         return self.state / "logs" / f"{name}.log"
 
@@ -82,7 +87,13 @@ def venv_bin(name: str) -> str:
 
 
 def port_free(port: int) -> bool:
+    """Whether a server could bind `port` on HOST now.
+
+    Binds as the servers do: uvicorn (Prefect, MLflow) and PostgreSQL set SO_REUSEADDR, so the
+    TIME-WAIT connections a stopped server leaves for ~60 s do not count; a listener still does.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((HOST, port))
         except OSError:
@@ -105,6 +116,48 @@ def alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _start_time(pid: int) -> str | None:
+    """When `pid` started, in clock ticks since boot (/proc), or None where unknown."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def write_record(s: Services, name: str, pid: int, address: str) -> None:
+    """Write `name`'s pid file and its record: the address it serves and its start time."""
+    s.pid_file(name).parent.mkdir(parents=True, exist_ok=True)
+    s.pid_file(name).write_text(f"{pid}\n")
+    info = {"pid": pid, "address": address, "started": _start_time(pid)}
+    s.record_file(name).write_text(json.dumps(info) + "\n")
+
+
+def read_record(s: Services, name: str) -> dict:
+    try:
+        info = json.loads(s.record_file(name).read_text())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def recorded_pid(s: Services, name: str) -> int | None:
+    """The pid in `name`'s pid file while that process runs; None for a dead or reused pid."""
+    pid = read_pid(s.pid_file(name))
+    if pid is None or not alive(pid):
+        return None
+    info = read_record(s, name)
+    # After a crash or reboot the pid may now be someone else's: its start time differs.
+    then, now = info.get("started"), _start_time(pid)
+    if info.get("pid") == pid and then and now and then != now:
+        return None
+    return pid
+
+
+def forget(s: Services, name: str) -> None:
+    s.pid_file(name).unlink(missing_ok=True)
+    s.record_file(name).unlink(missing_ok=True)
 
 
 def require_postgres_binaries() -> Path:

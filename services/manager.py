@@ -1,10 +1,12 @@
 """The real services, on 127.0.0.1 only: Prefect server, work pool, deployments, worker, MLflow.
 
-`xmodal services start` (what `make serve` runs) starts each one as its own process group, writes
-its pid file, and waits for its health check before starting the next; `xmodal services stop`
-(`make stop`) stops exactly the processes named by those pid files. Everything lives under one
-state directory (default `.services/`): pid files, logs, Prefect's home, MLflow's store, and an
-`env` file to `source` so `prefect` and `mlflow` commands talk to these servers.
+`xmodal services start` (what `make serve` runs) refuses while a service recorded in its state
+directory still runs, then starts each one as its own process group, writes its pid file (and a
+record of what it serves), and waits for its health check before starting the next; if a step
+fails it stops only what that call launched. `xmodal services stop` (`make stop`) stops exactly
+the processes named by the pid files. Everything lives under one state directory (default
+`.services/`): pid files, logs, Prefect's home, MLflow's store, and an `env` file to `source` so
+`prefect` and `mlflow` commands talk to these servers.
 
 The `postgres` backend starts a PostgreSQL cluster under the state directory (Debian's
 `postgresql` binaries) and puts both the Prefect and the MLflow backend stores in it.
@@ -20,6 +22,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,20 +36,29 @@ from services.base import (
     ServiceError,
     Services,
     alive,
+    forget,
     port_free,
     read_pid,
+    read_record,
+    recorded_pid,
     venv_bin,
+    write_record,
 )
 
 
 def _spawn(
-    s: Services, name: str, cmd: list[str], env: dict[str, str], unset: tuple[str, ...] = ()
+    s: Services,
+    name: str,
+    cmd: list[str],
+    env: dict[str, str],
+    address: str,
+    launched: list[str],
+    unset: tuple[str, ...] = (),
 ) -> subprocess.Popen:
-    pid_file = s.pid_file(name)
-    old = read_pid(pid_file)
-    if old and alive(old):
-        raise ServiceError(f"{name} is already running (pid {old}, {pid_file}); run `make stop`")
-    pid_file.parent.mkdir(parents=True, exist_ok=True)
+    """Start `name`, record it, and put it on `launched` (what this `start` call must undo)."""
+    old = recorded_pid(s, name)
+    if old is not None:  # `start` checked already; this guards a concurrent start
+        raise ServiceError(f"{name} is already running (pid {old}, {s.pid_file(name)})")
     s.log_file(name).parent.mkdir(parents=True, exist_ok=True)
     log = s.log_file(name).open("ab")
     # Own session: `stop` signals the whole group (uvicorn and flow-run children included).
@@ -60,7 +72,8 @@ def _spawn(
         stdin=subprocess.DEVNULL,
         start_new_session=True,
     )
-    pid_file.write_text(f"{proc.pid}\n")
+    launched.append(name)
+    write_record(s, name, proc.pid, address)
     return proc
 
 
@@ -124,6 +137,24 @@ def _run(s: Services, name: str, cmd: list[str], env: dict[str, str]) -> None:
 # ----------------------------------------------------------------------------- services
 
 
+def _refuse_if_running(s: Services) -> None:
+    """One line naming every service this state dir records as running, and what to do."""
+    found = []
+    for name in ORDER:
+        pid = recorded_pid(s, name)
+        address = read_record(s, name).get("address", "address not recorded")
+        if pid is None and name == "postgres" and (pm := postgres.running_postmaster(s)):
+            pid, address = pm
+        if pid is not None:
+            found.append(f"{name} (pid {pid}, {address})")
+    if found:
+        raise ServiceError(
+            f"already running from {s.state}: {', '.join(found)}. Stop them first (`make stop`, "
+            f"or `xmodal services stop --state-dir {s.state}`), or start another stack with "
+            "another --state-dir (XMODAL_STATE_DIR) and free ports."
+        )
+
+
 def _check_ports(s: Services) -> None:
     wanted = {"prefect-server": s.prefect_port, "mlflow-server": s.mlflow_port}
     if s.backend == "postgres":
@@ -137,22 +168,27 @@ def _check_ports(s: Services) -> None:
         )
 
 
-def start_prefect_server(s: Services) -> None:
+def start_prefect_server(s: Services, launched: list[str]) -> None:
     env = {
         "PREFECT_HOME": str(s.prefect_home),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_UI_API_URL": s.prefect_api,
+        # `prefect deployment run --watch` streams the run's logs beside its events (off by
+        # default in Prefect 3.8): the run's first line names it as the UI and MLflow do.
+        "PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED": "true",
+        "PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED": "true",
         **s.extra_env,
     }
     if s.backend == "postgres":
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = s.postgres_url("prefect", "asyncpg")
     cmd = [venv_bin("prefect"), "server", "start", "--host", HOST, "--port", str(s.prefect_port)]
     # A PREFECT_API_URL from the caller's shell would make the server a client of another API.
-    proc = _spawn(s, "prefect-server", cmd, env, unset=("PREFECT_API_URL",))
+    address = f"http://{HOST}:{s.prefect_port} (API {s.prefect_api})"
+    proc = _spawn(s, "prefect-server", cmd, env, address, launched, unset=("PREFECT_API_URL",))
     _wait(s, "prefect-server", proc, lambda: _http_ok(f"{s.prefect_api}/health"))
 
 
-def start_mlflow_server(s: Services) -> None:
+def start_mlflow_server(s: Services, launched: list[str]) -> None:
     store = s.state / "mlflow"
     store.mkdir(parents=True, exist_ok=True)
     backend = (
@@ -174,7 +210,7 @@ def start_mlflow_server(s: Services) -> None:
         "--artifacts-destination",
         (store / "artifacts").resolve().as_uri(),
     ]
-    proc = _spawn(s, "mlflow-server", cmd, dict(s.extra_env))
+    proc = _spawn(s, "mlflow-server", cmd, dict(s.extra_env), s.mlflow_uri, launched)
     _wait(s, "mlflow-server", proc, lambda: _http_ok(f"{s.mlflow_uri}/health"))
 
 
@@ -188,41 +224,51 @@ def deploy(s: Services) -> None:
     _run(s, "deploy", [prefect, "--no-prompt", "deploy", "--all"], env)
 
 
-def _worker_online(s: Services) -> bool:
+def _worker_online(s: Services, worker: str) -> bool:
     try:
         workers = _http_json(f"{s.prefect_api}/work_pools/{WORK_POOL}/workers/filter", {})
     except (urllib.error.URLError, OSError, ValueError):
         return False
-    return any(w.get("status") == "ONLINE" for w in workers)  # type: ignore[union-attr]
+    return any(
+        w.get("name") == worker and w.get("status") == "ONLINE"
+        for w in workers  # type: ignore[union-attr]
+    )
 
 
-def start_worker(s: Services) -> None:
+def start_worker(s: Services, launched: list[str]) -> None:
     # The flow runs the worker starts inherit this environment: MLflow goes to the server.
     env = {**s.client_env(), **s.extra_env}
-    cmd = [venv_bin("prefect"), "worker", "start", "--pool", WORK_POOL, "--type", "process"]
-    proc = _spawn(s, "prefect-worker", cmd, env)
-    _wait(s, "prefect-worker", proc, lambda: _worker_online(s))
+    # Its own name: a worker stopped seconds ago still shows ONLINE until its heartbeat lapses.
+    worker = f"xmodal-{uuid.uuid4().hex[:8]}"
+    cmd = [venv_bin("prefect"), "worker", "start", "--pool", WORK_POOL, "--type", "process",
+           "--name", worker]  # fmt: skip
+    address = f"worker {worker}, pool {WORK_POOL} on {s.prefect_api}"
+    proc = _spawn(s, "prefect-worker", cmd, env, address, launched)
+    _wait(s, "prefect-worker", proc, lambda: _worker_online(s, worker))
 
 
 def start(s: Services, echo: Callable[[str], None] = print) -> None:
-    """Start every service in ORDER; on any failure stop what was started, then raise."""
+    """Start every service in ORDER; on a failure stop only what this call launched, raise."""
+    _refuse_if_running(s)
     _check_ports(s)
     s.state.mkdir(parents=True, exist_ok=True)
-    steps: list[tuple[str, Callable[[Services], None]]] = [
+    steps: list[tuple[str, Callable[[Services, list[str]], None]]] = [
         ("prefect-server", start_prefect_server),
         ("mlflow-server", start_mlflow_server),
-        ("deployments", deploy),
+        ("deployments", lambda s, _launched: deploy(s)),
         ("prefect-worker", start_worker),
     ]
     if s.backend == "postgres":
         steps.insert(0, ("postgres", postgres.start_postgres))
+    launched: list[str] = []
     try:
         for name, step in steps:
             t0 = time.monotonic()
-            step(s)
+            step(s, launched)
             echo(f"{name}: ready ({time.monotonic() - t0:.0f} s)")
     except BaseException:
-        stop(s, echo=lambda _m: None)
+        for name in reversed(launched):
+            _stop_one(s, name, echo=lambda _m: None, launched_here=True)
         raise
     write_env(s)
     echo(f"Prefect UI and API: http://{HOST}:{s.prefect_port}  ({s.prefect_api})")
@@ -237,31 +283,40 @@ def write_env(s: Services) -> None:
 
 
 def stop(s: Services, echo: Callable[[str], None] = print, grace: float = 15.0) -> list[str]:
-    """Stop the processes named by the pid files (their whole process groups); return names."""
-    stopped = []
-    for name in reversed(ORDER):
-        if name == "postgres":
-            if postgres.stop_postgres(s):
-                stopped.append(name)
-                echo("postgres: stopped")
-            continue
-        pid_file = s.pid_file(name)
-        pid = read_pid(pid_file)
-        if pid is None:
-            continue
-        if alive(pid):
-            _signal_group(pid, signal.SIGTERM)
-            deadline = time.monotonic() + grace
-            while alive(pid) and time.monotonic() < deadline:
-                _reap(pid)
-                time.sleep(0.2)
-            if alive(pid):
-                _signal_group(pid, signal.SIGKILL)
+    """Stop the processes named by the pid files (their whole process groups), forget stale
+    pid files; return the names of those that ran."""
+    return [name for name in reversed(ORDER) if _stop_one(s, name, echo, grace)]
+
+
+def _stop_one(
+    s: Services,
+    name: str,
+    echo: Callable[[str], None],
+    grace: float = 15.0,
+    launched_here: bool = False,
+) -> bool:
+    """Stop `name` if its recorded process runs, forget its pid file; True if it ran."""
+    if name == "postgres":
+        if postgres.stop_postgres(s):
+            echo("postgres: stopped")
+            return True
+        return False
+    pid = recorded_pid(s, name)
+    if pid is None and launched_here:
+        # Its leader exited before it was healthy; children (MLflow's uvicorn) may remain.
+        pid = read_pid(s.pid_file(name))
+    if pid is not None:
+        _signal_group(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while alive(pid) and time.monotonic() < deadline:
             _reap(pid)
-            stopped.append(name)
-            echo(f"{name}: stopped (pid {pid})")
-        pid_file.unlink(missing_ok=True)
-    return stopped
+            time.sleep(0.2)
+        if alive(pid):
+            _signal_group(pid, signal.SIGKILL)
+        _reap(pid)
+        echo(f"{name}: stopped (pid {pid})")
+    forget(s, name)
+    return pid is not None
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
@@ -283,6 +338,11 @@ def status(s: Services) -> dict[str, str]:
     out = {}
     for name in ORDER:
         pid = read_pid(s.pid_file(name))
-        if pid is not None:
-            out[name] = f"running (pid {pid})" if alive(pid) else f"dead (stale pid {pid})"
+        if pid is None:
+            continue
+        if recorded_pid(s, name) is None:
+            out[name] = f"dead (stale pid {pid})"
+        else:
+            address = read_record(s, name).get("address")
+            out[name] = f"running (pid {pid}, {address})" if address else f"running (pid {pid})"
     return out

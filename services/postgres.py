@@ -16,7 +16,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from services.base import HOST, ServiceError, Services, require_postgres_binaries
+from services.base import (
+    HOST,
+    ServiceError,
+    Services,
+    alive,
+    forget,
+    require_postgres_binaries,
+    write_record,
+)
 
 ROLE = "xmodal"
 DATABASES = ("prefect", "mlflow")
@@ -45,7 +53,8 @@ def _pg(cmd: list[str], what: str) -> None:
         raise ServiceError(f"postgres: {what} failed ({done.returncode}): {done.stderr.strip()}")
 
 
-def start_postgres(s: Services) -> None:
+def start_postgres(s: Services, launched: list[str]) -> None:
+    """Start this state dir's cluster; "postgres" goes on `launched` before pg_ctl starts it."""
     bindir = require_postgres_binaries()
     cluster = _cluster_dir(s)
     data, log = cluster / "data", cluster / "postgres.log"
@@ -58,11 +67,13 @@ def start_postgres(s: Services) -> None:
     _record(s).parent.mkdir(parents=True, exist_ok=True)
     _record(s).write_text(json.dumps({"cluster": str(cluster), "bindir": str(bindir)}))
     options = f"-p {s.postgres_port} -c listen_addresses={HOST} -k {cluster}"
+    # `start` refused a running cluster, so one running from here on is this call's (a pg_ctl
+    # that times out leaves its postmaster running).
+    launched.append("postgres")
     _pg([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options, "-w",
          "-t", str(int(s.timeout)), "start"], "pg_ctl start")  # fmt: skip
     pid = int((data / "postmaster.pid").read_text().split()[0])
-    s.pid_file("postgres").parent.mkdir(parents=True, exist_ok=True)
-    s.pid_file("postgres").write_text(f"{pid}\n")
+    write_record(s, "postgres", pid, f"postgresql://{HOST}:{s.postgres_port}")
     for db in DATABASES:
         if not _database_exists(bindir, s.postgres_port, db):
             _pg([str(bindir / "createdb"), "-h", HOST, "-p", str(s.postgres_port), "-U", ROLE, db],
@@ -103,8 +114,18 @@ def stop_postgres(s: Services) -> bool:
         _pg([str(Path(info["bindir"]) / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
             "pg_ctl stop")  # fmt: skip
         time.sleep(0.1)
-    s.pid_file("postgres").unlink(missing_ok=True)
+    forget(s, "postgres")
     return running
+
+
+def running_postmaster(s: Services) -> tuple[int, str] | None:
+    """The postmaster of this state dir's cluster and its address, if one runs (recorded or not)."""
+    try:
+        lines = (_cluster_dir(s) / "data" / "postmaster.pid").read_text().splitlines()
+        pid, port = int(lines[0]), int(lines[3])
+    except (OSError, ValueError, IndexError):
+        return None
+    return (pid, f"postgresql://{HOST}:{port}") if alive(pid) else None
 
 
 def remove_cluster(s: Services) -> None:
