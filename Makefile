@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml constraints.txt scripts/provision_weights.py
 	$(BIN)/python scripts/provision_weights.py
 	touch $(STAMP)
 
+# Ends with the gated promotion: the model becomes `champion` only if it passes the gates
+# (params.yaml `promote:`, including the absolute floor min_mean_r1).
 run: install
-	$(BIN)/xmodal run
+	$(BIN)/xmodal run --promote
 
 repro: install
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro

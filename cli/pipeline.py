@@ -1,4 +1,4 @@
-"""`xmodal run`, `xmodal promote`, `xmodal rollback`: the training pipeline and the registry."""
+"""`xmodal run`: the training pipeline (promotion and rollback are in cli/registry.py)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ from typing import Annotated
 
 import typer
 
-from tasks.common.config import DEFAULT_PARAMS, ConfigError, load_params
+from cli.errors import one_line_errors
+from tasks.common.config import DEFAULT_PARAMS, expand_presets, load_params
 
 app = typer.Typer()
 
 
 @app.command()
+@one_line_errors
 def run(
     presets: Annotated[
         list[Path] | None,
@@ -21,7 +23,7 @@ def run(
             "--preset",
             "-P",
             help="lay a preset overlay (presets/*.yaml) over params.yaml; repeatable, in order, "
-            "before -S. Persisted into params.yaml like -S, so dvc.lock records what ran",
+            "before -S. Like -S, runs as a DVC experiment: params.yaml stays as it was",
         ),
     ] = None,
     overrides: Annotated[
@@ -38,16 +40,17 @@ def run(
     verbose: Annotated[bool, typer.Option(help="show the traceback of a failed stage")] = False,
 ) -> None:
     """Run the training-pipeline flow locally (no server) and print where everything is."""
+    from tasks.common import checkout, runlock
+
     preset_files = [str(p.resolve()) for p in presets or []]
-    try:
-        load_params(root / DEFAULT_PARAMS, overrides, preset_files)  # fail fast, before Prefect
-    except ConfigError as err:
-        raise typer.BadParameter(str(err)) from None
+    # Fail fast, before Prefect starts: a busy checkout, then params, presets and inputs.
+    runlock.ensure_free(root)
+    checkout.configure(root, [*expand_presets(preset_files), *(overrides or [])])
     from flows.training_pipeline import training_pipeline
     from tasks.common.stage import USER_ERRORS, StageFailed
 
     try:
-        outcomes = training_pipeline(
+        result = training_pipeline(
             overrides=overrides or [],
             presets=preset_files,
             force=force,
@@ -61,26 +64,32 @@ def run(
         # traceback, and --verbose re-raises it here.
         typer.echo(f"error: {' '.join(str(err).split())}", err=True)
         raise typer.Exit(1) from None
-    params = load_params(root / DEFAULT_PARAMS)
-    print_summary(root, params, outcomes)
+    print_summary(root, result)
 
 
-def print_summary(root: Path, params, outcomes: dict) -> None:
-    paths = params.paths
-    echo = typer.echo
+def print_summary(root: Path, result) -> None:
+    """The run's stages, metrics, parity, registered version, demo queries and where things are;
+    an experiment's files are read from its git ref (the checkout holds the baseline's)."""
+    import dvc.api
+
+    def read(rel: str) -> str:
+        return dvc.api.read(rel, repo=str(root), rev=result.experiment)
+
+    params = load_params(root / DEFAULT_PARAMS, result.overrides)
+    paths, outcomes, echo = params.paths, result.outcomes, typer.echo
     echo(
         "\nstages: "
         + ", ".join(
             f"{n} ({'skipped' if o.skipped else f'{o.seconds:.0f}s'})" for n, o in outcomes.items()
         )
     )
-    m = json.loads((root / paths.metrics).read_text())["test"]
+    m = json.loads(read(paths.metrics))["test"]
     echo(
         f"test retrieval: i2t R@1 {m['i2t_R1']:.3f} R@5 {m['i2t_R5']:.3f} | "
         f"t2i R@1 {m['t2i_R1']:.3f} R@5 {m['t2i_R5']:.3f}"
     )
-    reg = json.loads((root / paths.register_report).read_text())
-    parity = json.loads((root / paths.export_report).read_text())["parity"]
+    reg = json.loads(read(paths.register_report))
+    parity = json.loads(read(paths.export_report))["parity"]
     echo(
         f"ONNX parity: {'passed' if parity['passed'] else 'FAILED'} "
         f"(max abs diff {parity['max_abs_diff']:.2e})"
@@ -89,14 +98,32 @@ def print_summary(root: Path, params, outcomes: dict) -> None:
         f"registered: models:/{reg['model_name']}/{reg['version']} "
         f"aliases {reg['aliases']} (run {reg['run_id']})"
     )
-    t2i = root / paths.infer / "text_to_image.jsonl"
-    if t2i.is_file():
+    if result.promotion:
+        echo(f"promotion: {result.promotion['report']}")
+    try:
+        t2i = read(f"{paths.infer}/text_to_image.jsonl")
+    except FileNotFoundError:
+        t2i = ""
+    if t2i:
         echo("\ndemo queries (text -> image, ONNX Runtime):")
-        for line in t2i.read_text().splitlines():
+        for line in t2i.splitlines():
             row = json.loads(line)
             best = ", ".join(f"{h['image']} ({h['score']:.2f})" for h in row["results"][:3])
             echo(f"  {row['query']!r}: {best}")
-    echo("\noutputs:")
+    if result.experiment:
+        echo(
+            f"\nDVC experiment {result.experiment} (params.yaml and dvc.lock are as they were):\n"
+            f"  dvc exp show             compare it with the baseline\n"
+            f"  dvc exp apply {result.experiment}   put its params, dvc.lock and outputs here"
+        )
+    echo(
+        "\noutputs"
+        + (
+            " (the baseline's; the experiment's are in the DVC cache):"
+            if result.experiment
+            else ":"
+        )
+    )
     for label, rel in (
         ("dataset (DVC-versioned)", paths.raw),
         ("prepared arrays", paths.prepared),
@@ -111,39 +138,3 @@ def print_summary(root: Path, params, outcomes: dict) -> None:
     echo(
         f"  {'MLflow UI':28s} .venv/bin/mlflow ui --backend-store-uri {params.mlflow.tracking_uri}"
     )
-
-
-@app.command()
-def promote(
-    params_file: Annotated[Path, typer.Option("--params", help="params file")] = DEFAULT_PARAMS,
-) -> None:
-    """Promote `candidate` to `champion` if it passes the gates (both scored by ONNX Runtime)."""
-    from tasks.promote import report
-    from tasks.promote import run as run_promote
-
-    root = params_file.resolve().parent
-    result = run_promote(_params_or_exit(params_file), root)
-    typer.echo(report(result))
-    if result.gates and not result.promoted:
-        raise typer.Exit(code=1)
-
-
-@app.command()
-def rollback(
-    params_file: Annotated[Path, typer.Option("--params", help="params file")] = DEFAULT_PARAMS,
-) -> None:
-    """Swap `champion` and `previous-champion` back."""
-    from tasks.promote import rollback as run_rollback
-
-    params = _params_or_exit(params_file)
-    champ, prev = run_rollback(
-        params.register, params.promote, params.mlflow, params_file.resolve().parent
-    )
-    typer.echo(f"champion -> v{champ}, {params.promote.previous_alias} -> v{prev}")
-
-
-def _params_or_exit(path: Path):
-    try:
-        return load_params(path)
-    except ConfigError as err:
-        raise typer.BadParameter(str(err)) from None

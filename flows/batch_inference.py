@@ -23,20 +23,21 @@ from tasks.common.config import InferParams
 
 @flow(name="batch-inference-shards")
 def infer_shards(
-    model_dir: str, images_dir: str, out: str, queries: list[str], shards: int, p: dict
+    model: dict, images_dir: str, out: str, queries: list[str], shards: int, p: dict
 ) -> dict:
-    """Plan the shards, map inference over them on this flow's task runner, merge in order."""
+    """Plan the shards, map inference over them on this flow's task runner, merge in order.
+    `model` is resolve-model's result (the bundle's local path and record)."""
     plan = plan_shards_task(images_dir, shards)
     results = infer_shard_task.map(
         unmapped(p),
-        unmapped(model_dir),
+        unmapped(model),
         unmapped(images_dir),
         unmapped(queries),
         unmapped(out),
         range(len(plan)),
         plan,
     )
-    return merge_shards_task(p, queries, out, results)
+    return merge_shards_task(p, queries, out, results, model)
 
 
 @flow(name="batch-inference", log_prints=True)
@@ -50,13 +51,14 @@ def batch_inference(
     dask_address: str | None = None,
 ) -> dict:
     """Embed `images_dir` (and `queries`) with `model` (an exported folder or
-    `models:/<name>@<alias>`), in shards; on the Dask cluster at `dask_address` when given."""
+    `models:/<name>@<alias>`), in shards; on the Dask cluster at `dask_address` when given.
+    summary.json records the model: its URI, registered version, run and bundle sha256."""
     Path(out).mkdir(parents=True, exist_ok=True)
-    model_dir = resolve_model_task(model)
+    resolved = resolve_model_task(model)
     run = infer_shards
     if dask_address:
         from prefect_dask import DaskTaskRunner
 
         run = infer_shards.with_options(task_runner=DaskTaskRunner(address=dask_address))
     p = (infer or InferParams()).model_dump()
-    return run(model_dir, images_dir, out, queries or [], shards, p)
+    return run(resolved, images_dir, out, queries or [], shards, p)

@@ -1,7 +1,10 @@
 """The `training-pipeline` flow: every stage in order, ingest to infer (STAGES).
 
 Each task asks DVC whether its stage changed and commits it to dvc.lock after running, so this
-flow and `dvc repro` share one cache and lock. Runs without a server (Prefect's ephemeral mode).
+flow and `dvc repro` share one cache and lock; a stage DVC skips ends in the state `Skipped`.
+A run holds the checkout from start to end (a second run is refused), and runs overrides as a
+DVC experiment that leaves params.yaml and dvc.lock as they were (tasks/common/checkout.py).
+Runs without a server (Prefect's ephemeral mode).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from prefect import flow, task
 from prefect.cache_policies import NONE
 from pydantic import Field
 
-from tasks.common import stage
+from tasks.common import checkout
 from tasks.common.config import expand_presets, key_overrides
 from tasks.evaluate import evaluate_task
 from tasks.export import export_task
@@ -26,7 +29,7 @@ from tasks.register import register_task
 from tasks.report import report_task
 from tasks.train import train_task
 
-configure_task = task(stage.configure, name="configure", cache_policy=NONE)
+configure_task = task(checkout.configure, name="configure", cache_policy=NONE)
 
 STAGES = (
     ingest_task,
@@ -80,12 +83,13 @@ def training_pipeline(
     batch_size: Annotated[int, Field(ge=2)] | None = None,
     lr: Annotated[float, Field(gt=0)] | None = None,
     seed: Annotated[int, Field(ge=0)] | None = None,
-) -> dict[str, stage.StageOutcome]:
+) -> checkout.PipelineRun:
     """Run every stage. `presets`: overlay files (`presets/scratch-resnet18-bert2.yaml`, relative
     to `root`), expanded into dotted overrides in order, before `overrides`: dotted `key=value`
-    params (`train.lr=0.001`); both are written into params.yaml for dvc.lock. `force`: rerun
-    unchanged stages; `promote`: finish with `xmodal promote` (gated alias move); `epochs`,
-    `max_steps`, `batch_size`, `lr`, `seed`: typed shortcuts for the `train.*` keys."""
+    params (`train.lr=0.001`); with any of them the run is a DVC experiment and params.yaml stays
+    as it was. `force`: rerun unchanged stages; `promote`: finish with `xmodal promote` (gated
+    alias move); `epochs`, `max_steps`, `batch_size`, `lr`, `seed`: typed shortcuts for the
+    `train.*` keys."""
     overrides = key_overrides(
         expand_presets(presets, overrides, root),
         epochs=epochs,
@@ -94,12 +98,13 @@ def training_pipeline(
         lr=lr,
         seed=seed,
     )
-    configure_task(root, overrides)
-    outcomes = {t.name: t(root, force) for t in STAGES}
-    report_task(root)
-    if promote:
-        promote_task(root)
-    return outcomes
+    with checkout.held(root) as name:
+        configure_task(root, overrides)
+        with checkout.experiment(root, overrides, name) as experiment:
+            outcomes = {t.name: t(root, force, return_state=True).result() for t in STAGES}
+            report_task(root, outcomes)
+            promotion = promote_task(root) if promote else None
+    return checkout.PipelineRun(outcomes, experiment, overrides, promotion)
 
 
 if __name__ == "__main__":

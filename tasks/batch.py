@@ -2,7 +2,9 @@
 
 Each shard is an ordinary `xmodal_runtime.batch.embed_folder` run over a slice of the sorted
 image list; the merge concatenates embeddings in shard order and merges the per-shard top-k
-lists, so the result equals a single-process run over the whole folder.
+lists, so the result equals a single-process run over the whole folder. The model is resolved
+once (`resolve_model_record`: a folder, or a registry version downloaded into the model cache) and
+its record travels with the shards into the merged summary.json.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import shutil
 import socket
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 from prefect import task
@@ -20,7 +23,7 @@ from prefect.cache_policies import NONE
 
 from tasks.common import stage
 from tasks.common.config import InferParams
-from tasks.common.registry import resolve_model
+from tasks.common.registry import resolve
 from xmodal_runtime import batch
 from xmodal_runtime.encoder import Encoder
 from xmodal_runtime.images import list_images
@@ -33,30 +36,44 @@ def plan_shards(images_dir: Path, shards: int) -> list[list[str]]:
     return [files[i : i + size] for i in range(0, len(files), size)] or [[]]
 
 
+def _record(model: dict[str, Any]) -> dict[str, Any]:
+    """summary.json's `model` from `resolve_model_record`'s dict (less the local path)."""
+    return {k: v for k, v in model.items() if k != "path"}
+
+
 def run_shard(
     p: dict,
-    model_dir: str,
+    model: dict[str, Any],
     images_dir: str,
     queries: list[str],
     out: str,
     index: int,
     files: list[str],
 ) -> dict:
+    """One shard with the model `resolve_model_record` found (its bundle folder: model["path"])."""
     ip = InferParams(**p)
     res = batch.embed_folder(
-        Encoder(model_dir, ip.variant, ip.provider, ip.threads, ip.chunk_size),
+        Encoder(model["path"], ip.variant, ip.provider, ip.threads, ip.chunk_size),
         Path(images_dir),
         queries,
         Path(out) / f"shard_{index:04d}",
         ip.top_k,
         files=[Path(f) for f in files],
+        model=_record(model),
     )
     # Which process ran the shard: tells in the summary where the work went (Dask workers).
     return {**asdict(res), "worker": f"{socket.gethostname()}:{os.getpid()}"}
 
 
-def merge_shards(p: dict, queries: list[str], out: str, shard_results: list[dict]) -> dict:
-    """Concatenate shard outputs in order and merge the per-shard top-k into the global top-k."""
+def merge_shards(
+    p: dict,
+    queries: list[str],
+    out: str,
+    shard_results: list[dict],
+    model: dict[str, Any] | None = None,
+) -> dict:
+    """Concatenate shard outputs in order and merge the per-shard top-k into the global top-k;
+    summary.json records `model` (`resolve_model_record`'s dict, less its local path)."""
     out_dir = Path(out)
     shard_dirs = [Path(r["out"]) for r in shard_results]
     emb_paths = [
@@ -102,25 +119,32 @@ def merge_shards(p: dict, queries: list[str], out: str, shard_results: list[dict
         "shards": len(shard_results),
         "workers": sorted({r["worker"] for r in shard_results}),
         "files": files,
+        "model": None if model is None else _record(model),
     }
     (out_dir / batch.SUMMARY).write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def resolve_model_dir(model: str) -> str:
-    """An exported folder as given, or a registry URI downloaded to a local folder."""
-    return str(resolve_model(model))
+def resolve_model_record(model: str, root: str = ".") -> dict[str, Any]:
+    """The model an exported folder or a registry URI names: its record (uri, name, version,
+    run_id, bundle_sha256) and local bundle `path` (a registry version is downloaded into the
+    model cache under `root` once, then reused)."""
+    return resolve(model, root=Path(root)).as_dict()
 
 
+# Called from the flow's own thread (the main thread in-process and under a process worker),
+# where Prefect's timeout is a SIGALRM that interrupts even a blocked download.
 resolve_model_task = task(
-    resolve_model_dir,
+    resolve_model_record,
     name="resolve-model",
     cache_policy=NONE,
     **stage.io_retries(2, 10, 30),
     timeout_seconds=600,
 )
 plan_shards_task = task(plan_shards, name="plan-shards", cache_policy=NONE)
-infer_shard_task = task(
-    run_shard, name="infer-shard", cache_policy=NONE, retries=1, timeout_seconds=3600
-)
+# No timeout: mapped shards run in worker threads (Prefect's thread pool, or Dask's workers),
+# where Prefect's timeout cannot interrupt ONNX Runtime's native calls; it could only inject an
+# exception between two of them (mid-write, say), and Prefect warned so once per shard. A shard's
+# work is bounded by its size, and a hung run is cancelled as a whole.
+infer_shard_task = task(run_shard, name="infer-shard", cache_policy=NONE, retries=1)
 merge_shards_task = task(merge_shards, name="merge-shards", cache_policy=NONE)

@@ -7,6 +7,7 @@ torch) and writes embeddings and retrievals both ways; see xmodal_runtime.batch 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NONE
@@ -25,15 +26,18 @@ def infer(
     queries: list[str],
     out: Path,
     files: list[Path] | None = None,
+    model: dict[str, Any] | None = None,
 ) -> BatchResult:
     """Embed images and queries with the exported towers and write retrievals between them.
 
     `files` restricts the images to a subset of `images_dir` (a shard); ids stay relative to it.
+    `model` is summary.json's record of the model (registry.ResolvedModel.record(); default: the
+    folder `model_dir`).
     """
     enc = Encoder(model_dir, p.variant, p.provider, p.threads, p.chunk_size)
     total = None if images_dir is None or files is None else len(files)
     with stage.progress(total=total, desc="infer: images", unit="img") as bar:
-        return embed_folder(enc, images_dir, queries, out, p.top_k, files, bar.update)
+        return embed_folder(enc, images_dir, queries, out, p.top_k, files, bar.update, model)
 
 
 def infer_dataset(

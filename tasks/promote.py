@@ -1,27 +1,32 @@
-"""promote: move the `champion` alias to the `candidate` when it passes the gates; rollback.
+"""promote: move the `champion` alias to the `candidate` once it passes the gates; rollback.
 
-Both versions are downloaded from the registry and scored on the same test split through ONNX
-Runtime, each with its own tokenizer and input size (they may come from different params).
-Not a DVC stage: it changes the registry, not files, and its outcome depends on the registry's
-state at the time.
+Only promotion moves `champion` (register sets `candidate` alone). The candidate, and the
+champion when there is one, are downloaded from the registry and scored on the same test split
+through ONNX Runtime, each with its own tokenizer and input size (they may come from different
+params). On a registry with no champion the gates that need none apply (parity, not rolled back,
+the absolute floor `promote.min_mean_r1`) and a pass makes the first champion.
+
+Every alias move is recorded in the registry as an event (tasks.common.aliases); rollback walks
+that history back one champion at a time and marks the version it leaves as rolled back, which a
+later promotion refuses unless forced. Not a DVC stage: it changes the registry, not files, and
+its outcome depends on the registry's state at the time.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 from filelock import FileLock
 from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 from prefect import task
 from prefect.cache_policies import NONE
 
 from model.metrics import retrieval_metrics
-from tasks.common import stage, tracking
+from tasks.common import aliases, stage, tracking
 from tasks.common.config import (
     DEFAULT_PARAMS,
     MlflowParams,
@@ -35,7 +40,10 @@ from tasks.common.dataset import iter_raw
 from tasks.common.registry import resolve_model
 from xmodal_runtime.encoder import Encoder
 
-log = logging.getLogger("xmodal")
+# Mean R@1 closer than this to the bar (champion + min_delta) is a tie: recalls are multiples of
+# 1/N, so only float rounding separates equal ones.
+TIE = 1e-9
+ROLLED_BACK = "rolled_back"
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,22 @@ class PromoteResult:
     note: str = ""
 
 
+@dataclass(frozen=True)
+class RollbackResult:
+    rolled_back: str  # the version that was champion, now tagged promotion_status=rolled_back
+    champion: str  # the champion after the rollback
+    previous: str | None  # `previous-champion` after the rollback (None: no alias)
+    candidate_removed: bool  # `candidate` named the rolled-back version and was removed
+    from_history: bool  # False: no alias history, the `previous-champion` alias was followed
+
+
+def lock_path(root: Path) -> Path:
+    """The file lock serialising local alias moves: `<root>/.xmodal/promote.lock`."""
+    folder = Path(root) / ".xmodal"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / "promote.lock"
+
+
 def split_images(raw: Path, image_ids: list[int]) -> list[bytes]:
     """The encoded images of `image_ids`, in that order, from the raw shards."""
     wanted = set(image_ids)
@@ -75,17 +99,39 @@ def score_version(
     return retrieval_metrics(img, txt, np.asarray(test_index["image_index"]), ks)
 
 
-def gates(cand: dict, champ: dict, parity_passed: bool, p: PromoteParams) -> list[Gate]:
+def mean_r1(m: dict) -> float:
+    return (m["i2t_R1"] + m["t2i_R1"]) / 2
+
+
+def gates(
+    cand: dict,
+    champ: dict | None,
+    parity_passed: bool,
+    p: PromoteParams,
+    rolled_back: str = "",
+    force: bool = False,
+) -> list[Gate]:
+    """The gates, in order. `champ` None: a first champion, only the gates that need none.
+    `rolled_back`: how the candidate was rolled back ('' when it never was)."""
     out = [Gate("onnx_parity", parity_passed, f"candidate parity_passed={parity_passed}")]
-    mean_c = (cand["i2t_R1"] + cand["t2i_R1"]) / 2
-    mean_h = (champ["i2t_R1"] + champ["t2i_R1"]) / 2
+    if rolled_back:
+        how = "promoted anyway (--force)" if force else "refused unless forced (--force)"
+        out.append(Gate("not_rolled_back", force, f"candidate {rolled_back}: {how}"))
+    else:
+        out.append(Gate("not_rolled_back", True, "candidate was never rolled back"))
+    mean_c = mean_r1(cand)
+    above = mean_c >= p.min_mean_r1 - TIE
     out.append(
         Gate(
-            "mean_R1",
-            mean_c >= mean_h + p.min_delta - 1e-12,
-            f"candidate {mean_c:.4f} vs champion {mean_h:.4f} + min_delta {p.min_delta:g}",
+            "mean_R1_floor",
+            above,
+            f"candidate {mean_c:.4f} (i2t {cand['i2t_R1']:.4f}, t2i {cand['t2i_R1']:.4f}) "
+            f"{'>=' if above else '<'} min_mean_r1 {p.min_mean_r1:g}",
         )
     )
+    if champ is None:
+        return out
+    out.append(_mean_gate(mean_c, mean_r1(champ), p))
     for key in sorted(k for k in cand if "_R" in k and not k.endswith("_R1")):
         drop = champ[key] - cand[key]
         out.append(
@@ -99,11 +145,26 @@ def gates(cand: dict, champ: dict, parity_passed: bool, p: PromoteParams) -> lis
     return out
 
 
-def _alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
-    try:
-        return str(client.get_model_version_by_alias(name, alias).version)
-    except MlflowException:
-        return None
+def _mean_gate(mean_c: float, mean_h: float, p: PromoteParams) -> Gate:
+    """Mean R@1 strictly above champion + min_delta; a tie passes only with on_tie=promote."""
+    diff = mean_c - (mean_h + p.min_delta)
+    if diff > TIE:
+        passed, how = True, f"better by {diff:.4f}"
+    elif diff >= -TIE:
+        passed = p.on_tie == "promote"
+        how = f"a tie, on_tie={p.on_tie}: {'promoted' if passed else 'refused'}"
+    else:
+        passed, how = False, f"short by {-diff:.4f}"
+    detail = f"candidate {mean_c:.4f} vs champion {mean_h:.4f} + min_delta {p.min_delta:g}: {how}"
+    return Gate("mean_R1", passed, detail)
+
+
+def _rolled_back(tags: dict) -> str:
+    """How a version was rolled back, from its tags ('' when it was not)."""
+    if tags.get("promotion_status") != ROLLED_BACK:
+        return ""
+    at, by = tags.get("rolled_back_at", "?"), tags.get("rolled_back_by", "?")
+    return f"was rolled back at {at} by {by}"
 
 
 def promote(
@@ -113,88 +174,172 @@ def promote(
     raw: Path,
     test_index: dict,
     root: Path,
+    force: bool = False,
 ) -> PromoteResult:
-    """Compare candidate and champion through ONNX Runtime; move the aliases if all gates pass."""
+    """Score candidate (and champion) through ONNX Runtime; move the aliases if all gates pass.
+    `force`: promote a candidate that was rolled back (every other gate still applies)."""
     tracking.setup(mlflow_p, root)
     client = MlflowClient()
     name = reg.model_name
-    cand = _alias_version(client, name, reg.candidate_alias)
+    cand = aliases.alias_version(client, name, reg.candidate_alias)
     if cand is None:
         raise LookupError(f"no model version of {name!r} has the alias {reg.candidate_alias!r}")
-    champ = _alias_version(client, name, reg.champion_alias)
-    if champ is None or champ == cand:
-        if champ is None:
-            client.set_registered_model_alias(name, reg.champion_alias, cand)
-        note = "first champion" if champ is None else "candidate is already the champion"
-        return PromoteResult(champ is None, cand, champ, cand, note=note)
+    champ = aliases.alias_version(client, name, reg.champion_alias)
+    if champ == cand:
+        return PromoteResult(False, cand, champ, champ, note="candidate is already the champion")
 
-    version = client.get_model_version(name, cand)
-    parity_ok = version.tags.get("parity_passed") == "true"
+    tags = client.get_model_version(name, cand).tags
+    rolled_back = _rolled_back(tags)
     scores = {}
     images = split_images(raw, test_index["image_ids"])  # one pass over the shards for both
-    for v in (cand, champ):
+    for v in (cand, champ) if champ is not None else (cand,):
         model_dir = resolve_model(f"models:/{name}/{v}", mlflow_p, root)
         scores[v] = score_version(model_dir, images, test_index, p.variant, p.ks)
-    checks = gates(scores[cand], scores[champ], parity_ok, p)
-    result = PromoteResult(False, cand, champ, champ, checks, scores[cand], scores[champ])
-    if all(g.passed for g in checks):
-        # MLflow has no compare-and-set for aliases: serialise local promotions with a lock and
-        # re-check that the champion did not move while the two versions were being scored.
-        with FileLock(str(Path(root) / ".xmodal-promote.lock"), timeout=300):
-            now = _alias_version(client, name, reg.champion_alias)
-            if now != champ:
-                checks.append(
-                    Gate("champion_unchanged", False, f"champion moved from v{champ} to v{now}")
-                )
-            else:
-                client.set_registered_model_alias(name, p.previous_alias, champ)
-                client.set_registered_model_alias(name, reg.champion_alias, cand)
-                result.promoted, result.champion_after = True, cand
-    failed = [g for g in checks if not g.passed]
-    client.set_model_version_tag(
-        name, cand, "promotion_status", "promoted" if result.promoted else "refused"
+    checks = gates(
+        scores[cand], scores.get(champ), tags.get("parity_passed") == "true", p, rolled_back, force
     )
-    client.set_model_version_tag(name, cand, "promotion_compared_to", champ)
+    result = PromoteResult(False, cand, champ, champ, checks, scores[cand], scores.get(champ, {}))
+    if all(g.passed for g in checks):
+        action = "first-champion" if champ is None else "promote"
+        if rolled_back:
+            action = "force-promote"
+        _move_champion(client, reg, p, result, action, root)
+    _tag_outcome(client, name, result, tags, rolled_back)
+    return result
+
+
+def _move_champion(
+    client: MlflowClient,
+    reg: RegisterParams,
+    p: PromoteParams,
+    result: PromoteResult,
+    action: str,
+    root: Path,
+) -> None:
+    """Move `champion` to the candidate, unless it moved while the versions were scored.
+
+    MLflow has no compare-and-set for aliases: local promotions are serialised with a lock and
+    the champion is re-read under it."""
+    name, cand, champ = reg.model_name, result.candidate, result.champion_before
+    with FileLock(str(lock_path(root)), timeout=300):
+        now = aliases.alias_version(client, name, reg.champion_alias)
+        if now != champ:
+            result.gates.append(
+                Gate("champion_unchanged", False, f"champion moved from v{champ} to v{now}")
+            )
+            return
+        mean = mean_r1(result.candidate_metrics)
+        note = f"mean R@1 {mean:.4f}" + (
+            f" vs {mean_r1(result.champion_metrics):.4f}" if champ is not None else ""
+        )
+        aliases.move(client, name, reg.champion_alias, cand, action, note, before=champ)
+        stack = aliases.champion_stack(aliases.events(client, name), reg.champion_alias)
+        below = stack[-2] if len(stack) >= 2 else None  # the top is the candidate now
+        aliases.set_or_delete(client, name, p.previous_alias, below)
+        result.promoted, result.champion_after = True, cand
+        result.note = {"first-champion": "first champion", "force-promote": "forced"}.get(
+            action, ""
+        )
+
+
+def _tag_outcome(
+    client: MlflowClient, name: str, result: PromoteResult, tags: dict, rolled_back: str
+) -> None:
+    """promotion_* tags on the candidate; a refused rolled-back version stays `rolled_back`.
+    Gate tags of an earlier attempt that this one does not repeat are removed."""
+    cand = result.candidate
+    status = "promoted" if result.promoted else ROLLED_BACK if rolled_back else "refused"
+    client.set_model_version_tag(name, cand, "promotion_status", status)
+    compared = result.champion_before or "none (first champion)"
+    client.set_model_version_tag(name, cand, "promotion_compared_to", compared)
+    failed = [g for g in result.gates if not g.passed]
     if failed:
         client.set_model_version_tag(
             name, cand, "promotion_failed_gates", ",".join(g.name for g in failed)
         )
-        for g in failed:
-            client.set_model_version_tag(name, cand, f"promotion_gate.{g.name}", g.detail[:5000])
-    return result
+    keep = {"promotion_failed_gates"} if failed else set()
+    keep |= {f"promotion_gate.{g.name}" for g in failed}
+    for key in tags:
+        if key.startswith(("promotion_gate.", "promotion_failed_gates")) and key not in keep:
+            client.delete_model_version_tag(name, cand, key)
+    for g in failed:
+        client.set_model_version_tag(name, cand, f"promotion_gate.{g.name}", g.detail[:5000])
 
 
 def rollback(
     reg: RegisterParams, p: PromoteParams, mlflow_p: MlflowParams, root: Path
-) -> tuple[str, str]:
-    """Swap `champion` and `previous-champion`; return (new champion, new previous)."""
+) -> RollbackResult:
+    """Move `champion` back one step in the registry's champion history.
+
+    The version it leaves is tagged promotion_status=rolled_back (with rolled_back_at and
+    rolled_back_by) and loses `candidate` if it had it, so a plain `promote` cannot bring it
+    back. LookupError when there is no earlier champion."""
     tracking.setup(mlflow_p, root)
     client = MlflowClient()
-    with FileLock(str(Path(root) / ".xmodal-promote.lock"), timeout=300):
-        champ = _alias_version(client, reg.model_name, reg.champion_alias)
-        prev = _alias_version(client, reg.model_name, p.previous_alias)
-        if champ is None or prev is None:
-            raise LookupError(
-                f"rollback needs both {reg.champion_alias!r} and {p.previous_alias!r} aliases "
-                f"on {reg.model_name!r} (found champion={champ}, previous={prev})"
+    name = reg.model_name
+    with FileLock(str(lock_path(root)), timeout=300):
+        champ = aliases.alias_version(client, name, reg.champion_alias)
+        if champ is None:
+            raise LookupError(f"nothing to roll back: {name!r} has no {reg.champion_alias!r}")
+        stack = aliases.champion_stack(aliases.events(client, name), reg.champion_alias)
+        previous = aliases.alias_version(client, name, p.previous_alias)
+        plan = aliases.plan_rollback(stack, champ, previous, name)
+        note = "" if plan.from_history else f"no history: followed {p.previous_alias!r}"
+        aliases.move(client, name, reg.champion_alias, plan.target, "rollback", note, before=champ)
+        aliases.set_or_delete(client, name, p.previous_alias, plan.below)
+        user, host = aliases.who()
+        at = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+        for key, value in (
+            ("promotion_status", ROLLED_BACK),
+            ("rolled_back_at", at),
+            ("rolled_back_by", f"{user}@{host}"),
+        ):
+            client.set_model_version_tag(name, champ, key, value)
+        removed = aliases.alias_version(client, name, reg.candidate_alias) == champ
+        if removed:
+            aliases.move(
+                client,
+                name,
+                reg.candidate_alias,
+                None,
+                "rollback",
+                f"v{champ} was rolled back",
+                before=champ,
             )
-        client.set_registered_model_alias(reg.model_name, reg.champion_alias, prev)
-        client.set_registered_model_alias(reg.model_name, p.previous_alias, champ)
-    return prev, champ
+    return RollbackResult(champ, plan.target, plan.below, removed, plan.from_history)
 
 
-def run(params: Params, root: Path) -> PromoteResult:
+def run(params: Params, root: Path, force: bool = False) -> PromoteResult:
     raw = root / params.paths.raw
     index = split_index(root / params.paths.prepared, "test")
-    return promote(params.promote, params.register, params.mlflow, raw, index, root)
+    return promote(params.promote, params.register, params.mlflow, raw, index, root, force)
 
 
 def report(result: PromoteResult) -> str:
-    lines = [
-        f"candidate v{result.candidate} vs champion v{result.champion_before}: "
-        + ("PROMOTED" if result.promoted else "refused" if result.gates else result.note)
-    ]
+    head = (
+        f"candidate v{result.candidate} vs champion v{result.champion_before}"
+        if result.champion_before is not None
+        else f"candidate v{result.candidate}, no champion yet"
+    )
+    if result.promoted:
+        outcome = "PROMOTED" + (f" ({result.note})" if result.note else "")
+    else:
+        outcome = "refused" if result.gates else result.note
+    lines = [f"{head}: {outcome}"]
     lines += [f"  [{'pass' if g.passed else 'FAIL'}] {g.name}: {g.detail}" for g in result.gates]
+    return "\n".join(lines)
+
+
+def rollback_report(r: RollbackResult, reg: RegisterParams, p: PromoteParams) -> str:
+    lines = [
+        f"{reg.champion_alias}: v{r.rolled_back} -> v{r.champion} "
+        f"(v{r.rolled_back} tagged promotion_status={ROLLED_BACK})",
+        f"{p.previous_alias}: " + (f"v{r.previous}" if r.previous else "removed (none earlier)"),
+    ]
+    if r.candidate_removed:
+        lines.append(f"{reg.candidate_alias}: removed (it named v{r.rolled_back})")
+    if not r.from_history:
+        lines.append(f"(no alias history: followed the {p.previous_alias!r} alias)")
     return "\n".join(lines)
 
 
@@ -204,10 +349,12 @@ def report(result: PromoteResult) -> str:
     **stage.io_retries(5, 30),
     timeout_seconds=1800,
 )
-def promote_task(root: str = ".") -> dict:
-    result = run(load_params(Path(root).resolve() / DEFAULT_PARAMS), Path(root).resolve())
-    log.info(report(result))
-    return asdict(result)
+def promote_task(root: str = ".", force: bool = False) -> dict:
+    from prefect import get_run_logger
+
+    result = run(load_params(Path(root).resolve() / DEFAULT_PARAMS), Path(root).resolve(), force)
+    get_run_logger().info(report(result))  # the run's log in the UI, and `--watch`
+    return {**asdict(result), "report": report(result)}
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 The registered model is the serving runtime's pyfunc (texts or images in, embeddings out), logged
 with the runtime package as its code, the exported bundle as its artifact and the runtime's
 pinned requirements, so it loads without this repository. The new version gets the `candidate`
-alias; on an empty registry it also becomes `champion` (promotion gates decide later moves).
+alias, and the move is recorded in the registry's alias history (tasks.common.aliases). Only
+`xmodal promote` moves `champion`, through its gates, the first champion included.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 import xmodal_runtime
-from tasks.common import stage, tracking
+from tasks.common import aliases, stage, tracking
 from tasks.common.config import MlflowParams, Params, RegisterParams
 from tasks.common.data import read_json
-from xmodal_runtime.bundle import IMAGE_TOWER, TEXT_TOWER, Bundle
+from xmodal_runtime.bundle import HASH_TAG, IMAGE_TOWER, TEXT_TOWER, Bundle, read_manifest
 from xmodal_runtime.pyfunc import BUNDLE_ARTIFACT
 
 log = logging.getLogger("xmodal")
@@ -215,15 +216,11 @@ def log_export_metrics(export_report: dict) -> None:
 
 
 def set_aliases(client: MlflowClient, p: RegisterParams, version: str) -> list[str]:
-    """`candidate` on the new version; `champion` too when the registry has none yet."""
-    aliases = [p.candidate_alias]
-    client.set_registered_model_alias(p.model_name, p.candidate_alias, version)
-    try:
-        client.get_model_version_by_alias(p.model_name, p.champion_alias)
-    except MlflowException:
-        client.set_registered_model_alias(p.model_name, p.champion_alias, version)
-        aliases.append(p.champion_alias)
-    return aliases
+    """`candidate` on the new version, recorded in the alias history. Never `champion`, not
+    even on an empty registry: only a promotion that passes the gates moves it."""
+    before = aliases.alias_version(client, p.model_name, p.candidate_alias)
+    aliases.move(client, p.model_name, p.candidate_alias, version, "register", before=before)
+    return [p.candidate_alias]
 
 
 def register(
@@ -272,7 +269,13 @@ def register(
         p.model_name,
         info.model_uri,
         run_id=run_id,
-        tags={**lineage, "parity_passed": str(parity["passed"]).lower()},
+        tags={
+            **lineage,
+            "parity_passed": str(parity["passed"]).lower(),
+            # What infer, the batch flow and promotion check the downloaded files against.
+            "bundle_sha256": bundle.digest(),
+            **{f"{HASH_TAG}{path}": h for path, h in read_manifest(onnx_dir).items()},
+        },
         description=model_card(
             lineage, bundle.meta.model_config, trained_with, metrics, export_report
         ),
@@ -296,8 +299,13 @@ def register(
 
 def run(params: Params, root: Path) -> RegisterResult:
     paths = params.paths
+    # What the run itself writes is not a dirty tree; nor is params.yaml in an experiment,
+    # whose git ref (dvc_exp_name) records it.
+    written = ("dvc.lock", *paths.model_dump().values())
+    exp = tracking.experiment_tags()
     lineage = {
-        **tracking.git_state(root),
+        **tracking.git_state(root, (*written, "params.yaml") if exp else written),
+        **exp,
         "dvc_data_version": dvc_data_version(root, paths.raw),
         # The training params hash, as train stored it in the checkpoint and export in meta.json.
         "params_hash": Bundle.open(root / paths.onnx).meta.params_hash or "unknown",

@@ -20,7 +20,27 @@ from tasks.common.config import DEFAULT_PARAMS, load_params
 from tasks.common.tracking import tracking_uri
 
 
-def markdown_report(root: Path) -> tuple[str, list[dict]]:
+def stage_lines(outcomes: dict | None) -> list[str]:
+    """The run's stages: which ran (and for how long) and which DVC skipped as unchanged."""
+    if not outcomes:
+        return []
+    rows = [
+        f"| {name} | {'skipped: unchanged since dvc.lock' if o.skipped else 'ran'} | "
+        f"{o.seconds:.1f} |"
+        for name, o in outcomes.items()
+    ]
+    ran = sum(not o.skipped for o in outcomes.values())
+    return [
+        f"## Stages: {ran} ran, {len(outcomes) - ran} skipped",
+        "",
+        "| stage | outcome | seconds |",
+        "| --- | --- | --- |",
+        *rows,
+        "",
+    ]
+
+
+def markdown_report(root: Path, outcomes: dict | None = None) -> tuple[str, list[dict]]:
     params = load_params(root / DEFAULT_PARAMS)
     paths = params.paths
     metrics = json.loads((root / paths.metrics).read_text())["test"]
@@ -33,6 +53,7 @@ def markdown_report(root: Path) -> tuple[str, list[dict]]:
     lines = [
         "# xmodal training-pipeline",
         "",
+        *stage_lines(outcomes),
         "| Recall@K | image→text | text→image |",
         "| --- | --- | --- |",
         *(f"| R@{r['K']} | {r['image→text']:.3f} | {r['text→image']:.3f} |" for r in table),
@@ -84,8 +105,8 @@ def plot_urls(root: Path) -> dict[str, str]:
 
 
 @task(name="report", cache_policy=NONE)
-def report_task(root: str = ".") -> None:
-    md, table = markdown_report(Path(root).resolve())
+def report_task(root: str = ".", outcomes: dict | None = None) -> None:
+    md, table = markdown_report(Path(root).resolve(), outcomes)
     create_markdown_artifact(md, key="xmodal-report", description="metrics, parity, MLflow links")
     create_table_artifact(table, key="xmodal-recall", description="test Recall@K")
     for name, url in plot_urls(Path(root).resolve()).items():

@@ -250,13 +250,13 @@ def test_stage_main_takes_presets_then_overrides():
 def test_cli_run_rejects_a_bad_preset_before_running(tmp_path: Path):
     from typer.testing import CliRunner
 
-    from cli.pipeline import app
+    from cli import app
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  image:\n    backbon: resnet18\n")
     result = CliRunner().invoke(app, ["run", "--root", str(ROOT), "-P", str(bad)])
-    assert result.exit_code != 0
-    assert "model.image.backbon" in result.output
+    assert result.exit_code == 2
+    assert result.output == f"error: preset {bad}: unknown key(s): model.image.backbon\n"
 
 
 def test_stage_main_reports_bad_params_in_one_line(capsys):

@@ -51,13 +51,15 @@ def _xmodal(repo: Path, *args: str) -> str:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    # A loader worker, as the default params run: spawned under the real flow.
-    return make_repo(tmp_path_factory.mktemp("xmodal-e2e"), tiny_params_dict(train={"workers": 1}))
+    # A loader worker, as the default params run: spawned under the real flow. An untrained tiny
+    # model cannot reach the default promotion floor: this repository's floor is 0.
+    params = tiny_params_dict(train={"workers": 1}, promote={"min_mean_r1": 0.0})
+    return make_repo(tmp_path_factory.mktemp("xmodal-e2e"), params)
 
 
 @pytest.fixture(scope="module")
 def first_run(repo: Path) -> str:
-    return _xmodal(repo)
+    return _xmodal(repo, "--promote")  # as `make run`: the first champion only through the gates
 
 
 def _mlflow_client(repo: Path):
@@ -132,6 +134,14 @@ def test_registered_version_with_lineage(repo: Path, first_run: str):
     champion = client.get_model_version_by_alias(MODEL, "champion")
     candidate = client.get_model_version_by_alias(MODEL, "candidate")
     assert str(champion.version) == str(candidate.version) == "1"
+    from tasks.common.aliases import events
+
+    moves = [(e.action, e.alias, e.from_, e.to) for e in events(client, MODEL)]
+    assert moves == [
+        ("register", "candidate", None, "1"),
+        ("first-champion", "champion", None, "1"),
+    ]
+    assert client.get_model_version(MODEL, "1").tags["promotion_status"] == "promoted"
     run = client.get_run(candidate.run_id)
     head = _sh(repo, "git", "rev-parse", "HEAD").strip()
     lock = yaml.safe_load((repo / "dvc.lock").read_text())

@@ -346,6 +346,7 @@ def test_xmodal_run_ends_a_data_error_in_one_line(tmp_path: Path):
     from .conftest import make_repo
 
     repo = make_repo(tmp_path / "repo")
+    params = (repo / "params.yaml").read_bytes()
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "c.csv").write_text(
         "image,caption\nnope.jpg,a caption\n/etc/hostname,x\n"
@@ -364,3 +365,5 @@ def test_xmodal_run_ends_a_data_error_in_one_line(tmp_path: Path):
     assert "╭" not in done.stderr  # no rich traceback box from the CLI itself
     lines = (repo / "reports" / "quarantine.jsonl").read_text().splitlines()
     assert ["absolute" in x for x in lines].count(True) == 1 and len(lines) == 2
+    # The failed run's overrides did not stay; its quarantine list did (it names the bad rows).
+    assert (repo / "params.yaml").read_bytes() == params

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -16,7 +17,17 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from xmodal_runtime.bundle import IMAGE_INPUT, META_FILE, SCHEMA_VERSION, Bundle, BundleError
+from xmodal_runtime.bundle import (
+    IMAGE_INPUT,
+    MANIFEST_FILE,
+    META_FILE,
+    SCHEMA_VERSION,
+    Bundle,
+    BundleError,
+    read_manifest,
+    verify_files,
+    write_manifest,
+)
 from xmodal_runtime.encoder import Encoder
 from xmodal_runtime.images import load_image, to_pixels
 from xmodal_runtime.session import make_session
@@ -279,6 +290,41 @@ def test_bundle_variants(bundle_dir: Path, tmp_path: Path):
         bundle.tower("image_encoder", "fp16")
     only_fp32 = _copy(bundle_dir, tmp_path / "fp32")
     (only_fp32 / "text_encoder.int8.onnx").unlink()
+    write_manifest(only_fp32)  # as an export without int8 would have recorded it
     assert Bundle.open(only_fp32).variants() == ["fp32"]
     int8 = Encoder(bundle_dir, variant="int8", provider="cpu").encode_texts(["a red circle"])
     assert int8.shape == (1, bundle.meta.embed_dim)
+
+
+def test_a_file_changed_after_export_is_refused_by_name(bundle_dir: Path, tmp_path: Path):
+    """Every loader opens through Bundle.open: the serving Encoder, so `xmodal infer`, the
+    batch flow, promotion and the pyfunc all refuse a changed, added or removed file."""
+    names = sorted(read_manifest(bundle_dir))
+    assert {
+        META_FILE,
+        "image_encoder.onnx",
+        "text_encoder.onnx",
+        "tokenizer/tokenizer.json",
+    } <= set(names)
+    for name in names:
+        changed = _copy(bundle_dir, tmp_path / ("changed-" + name.replace("/", "_")))
+        with open(changed / name, "ab") as f:
+            f.write(b" ")  # one byte more: a tampered or corrupted file
+        with pytest.raises(BundleError, match=f"{re.escape(name)} changed after export"):
+            Encoder(changed, provider="cpu")
+    added = _copy(bundle_dir, tmp_path / "added")
+    shutil.copy(added / "image_encoder.onnx", added / "image_encoder.fp16.onnx")
+    with pytest.raises(BundleError, match="image_encoder.fp16.onnx was not part of the export"):
+        Bundle.open(added)
+    unlisted = _copy(bundle_dir, tmp_path / "no-manifest")
+    (unlisted / MANIFEST_FILE).unlink()
+    with pytest.raises(BundleError, match="cannot be verified"):
+        Bundle.open(unlisted)
+    # Checked against hashes from elsewhere (the registry's tags), a consistent but rewritten
+    # manifest does not help.
+    forged = _copy(bundle_dir, tmp_path / "forged")
+    (forged / "meta.json").write_text((forged / "meta.json").read_text() + "\n")
+    write_manifest(forged)
+    Bundle.open(forged)
+    with pytest.raises(BundleError, match="meta.json changed after export"):
+        verify_files(forged, read_manifest(bundle_dir))

@@ -18,10 +18,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from mlflow.exceptions import MlflowException
 
 from services.base import DEPLOYMENTS, ServiceError, Services, require_postgres_binaries
 from services.manager import start, status, stop
 from services.postgres import remove_cluster
+from tasks.common import runlock
 
 from .conftest import extract_raw_images, free_port, make_repo
 
@@ -126,8 +128,14 @@ def test_deployment_run_completes_against_mlflow_server(services: Services, depl
     run = _flow_run(services, out)
     assert run["state"]["type"] == "COMPLETED"
     assert run["parameters"]["epochs"] == 1 and run["parameters"]["promote"] is True
-    # The run name is built from the key params, including the typed overrides.
+    # The run name is built from the key params, including the typed overrides, and the run's
+    # first log line, which --watch streams, names it (--watch itself shows the random name the
+    # run was created with).
     assert run["name"].endswith("-e1-lr0.001-seed1"), run["name"]
+    flat = " ".join(out.split())  # --watch wraps long log lines at the terminal width
+    assert f"run {run['name']!r} (its name in the Prefect UI and MLflow)" in flat, out[-3000:]
+    # The overrides ran as a DVC experiment: the checkout's params.yaml is as committed.
+    assert _git(services, "status", "--porcelain", "--untracked-files=no") == ""
 
     from mlflow import MlflowClient
 
@@ -146,8 +154,14 @@ def test_deployment_run_completes_against_mlflow_server(services: Services, depl
     versions = client.search_model_versions(f"name='{MODEL}'")
     assert [v.version for v in versions] == ["1"]
     assert versions[0].run_id == mlrun.info.run_id
-    for alias in ("candidate", "champion"):
-        assert client.get_model_version_by_alias(MODEL, alias).version == "1"
+    assert versions[0].tags["git_dirty"] == "false"
+    assert versions[0].tags["dvc_exp_name"].startswith(run["name"])
+    assert client.get_model_version_by_alias(MODEL, "candidate").version == "1"
+    # The 1-epoch smoke model is below the quality floor: on the empty registry it is refused,
+    # not made champion (promote=true ran the gates).
+    assert versions[0].tags["promotion_status"] == "refused"
+    with pytest.raises(MlflowException):
+        client.get_model_version_by_alias(MODEL, "champion")
     # The worker's flow run wrote no local MLflow store: everything went to the server.
     assert not (services.root / "mlflow.db").exists()
     if services.backend == "postgres":
@@ -157,7 +171,7 @@ def test_deployment_run_completes_against_mlflow_server(services: Services, depl
         assert _pg_count(services, "prefect", "SELECT count(*) FROM flow_run") >= 1
 
 
-def test_batch_inference_deployment_serves_the_champion(services: Services, deployment_run):
+def test_batch_inference_deployment_serves_a_registered_model(services: Services, deployment_run):
     assert deployment_run.returncode == 0
     out = services.root / "outputs" / "deployed"
     extract_raw_images(services.root / "data" / "raw", services.root / "photos")
@@ -167,7 +181,7 @@ def test_batch_inference_deployment_serves_the_champion(services: Services, depl
         "run",
         "batch-inference/default",
         "-p",
-        f"model=models:/{MODEL}@champion",
+        f"model=models:/{MODEL}@candidate",
         "-p",
         "images_dir=photos",
         "-p",
@@ -234,8 +248,71 @@ def test_failed_stage_fails_the_flow_with_its_message(services: Services, deploy
     assert bad.returncode != 0, out[-3000:]
     state = _flow_run(services, out)["state"]
     assert state["type"] == "FAILED"
-    assert "stage ingest failed" in state["message"], state["message"]
-    assert "missing.csv" in state["message"], state["message"]
+    # Refused by the configure task, before any stage ran or params.yaml changed.
+    assert "ingest.csv.path: missing.csv does not exist" in state["message"], state["message"]
+    assert _git(services, "status", "--porcelain", "--untracked-files=no") == ""
+
+
+def test_deployment_run_is_refused_while_another_run_holds_the_checkout(services: Services):
+    if services.backend != "sqlite":
+        pytest.skip("the lock is the checkout's, not the backend's: one backend is enough")
+    with runlock.hold(services.root, "a run started by hand"):
+        busy = _prefect(services, "deployment", "run", "training-pipeline/default",
+                        "--watch", "--watch-timeout", "300")  # fmt: skip
+    out = busy.stdout + busy.stderr
+    state = _flow_run(services, out)["state"]
+    assert state["type"] == "FAILED", out[-3000:]
+    assert "is busy: pipeline run 'a run started by hand'" in state["message"], state["message"]
+    assert f"pid {os.getpid()}" in state["message"]
+
+
+def test_skipped_stages_are_visible_in_prefect(services: Services, deployment_run):
+    if services.backend != "sqlite":
+        pytest.skip("task states do not depend on the backend: one is enough")
+    runs = []
+    for _ in range(2):  # the first trains the committed params; the second finds all up to date
+        done = _prefect(services, "deployment", "run", "training-pipeline/default",
+                        "--watch", "--watch-timeout", "900")  # fmt: skip
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+        runs.append(_flow_run(services, done.stdout + done.stderr))
+    states = [_task_states(services, r["id"]) for r in runs]
+    stages = ("ingest", "preprocess", "features", "train", "evaluate", "export", "register",
+              "infer")  # fmt: skip
+    assert {states[0][s][0] for s in stages} == {"Completed"}, states[0]
+    assert {states[1][s][0] for s in stages} == {"Skipped"}, states[1]
+    assert all("unchanged since dvc.lock" in states[1][s][1] for s in stages)
+    report = _artifacts(services, runs[1]["id"])["xmodal-report"]["data"]
+    assert "## Stages: 0 ran, 8 skipped" in report
+    assert "| train | skipped: unchanged since dvc.lock |" in report
+
+
+def _post(s: Services, path: str, body: dict) -> list[dict]:
+    req = urllib.request.Request(
+        f"{s.prefect_api}/{path}", data=json.dumps(body).encode(), method="POST"
+    )
+    req.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def _task_states(s: Services, flow_run_id: str) -> dict[str, tuple[str, str]]:
+    """Task name (without its run suffix) -> (state name, state message)."""
+    rows = _post(s, "task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
+    return {
+        r["name"].rsplit("-", 1)[0]: (r["state"]["name"], r["state"].get("message") or "")
+        for r in rows
+    }
+
+
+def _artifacts(s: Services, flow_run_id: str) -> dict[str, dict]:
+    rows = _post(s, "artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}})
+    return {a["key"]: a for a in rows}
+
+
+def _git(s: Services, *args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=s.root, capture_output=True, text=True, check=True
+    ).stdout
 
 
 def test_typed_flow_parameters_are_validated(services: Services):

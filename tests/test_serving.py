@@ -24,7 +24,8 @@ import pytest
 from .test_runtime import build_bundle, png_b64, write_pngs
 
 MODEL = "xmodal-dual-encoder"
-CHAMPION = f"models:/{MODEL}@champion"
+# Registration sets `candidate` only; `champion` moves through the promotion gates alone.
+CANDIDATE = f"models:/{MODEL}@candidate"
 TEXTS = ["a large red circle on the left", "a small blue square"]
 
 
@@ -68,12 +69,12 @@ def registered(tmp_path_factory):
             lineage,
             root / "raw",
         )
-        assert result.aliases == ["candidate", "champion"]
-        mv = mlflow.MlflowClient().get_model_version_by_alias(MODEL, "champion")
+        assert result.aliases == ["candidate"]
+        mv = mlflow.MlflowClient().get_model_version_by_alias(MODEL, "candidate")
         assert "## ONNX parity: passed" in mv.description
         assert "| i2t_R1 | 0.5000 |" in mv.description
         model_dir = Path(
-            mlflow.artifacts.download_artifacts(CHAMPION, dst_path=str(root / "downloaded"))
+            mlflow.artifacts.download_artifacts(CANDIDATE, dst_path=str(root / "downloaded"))
         )
     finally:
         if saved is None:
@@ -165,7 +166,7 @@ def test_registered_model_loads_and_predicts_in_a_fresh_venv(registered, fresh_v
         [
             str(fresh_venv / "bin" / "python"),
             str(script),
-            CHAMPION,
+            CANDIDATE,
             str(out),
             *TEXTS,
             str(work / "image.b64"),
@@ -220,7 +221,7 @@ def test_mlflow_models_serve_matches_batch_inference(registered, fresh_venv, tmp
             "models",
             "serve",
             "-m",
-            CHAMPION,
+            CANDIDATE,
             "--env-manager",
             "local",
             "-h",

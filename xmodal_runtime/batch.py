@@ -2,7 +2,8 @@
 
 Images are decoded and embedded in chunks with a running top-k per query, so memory stays flat as
 the folder grows. Writes, under `out`: embeddings with ids (parquet), top-k retrievals both ways
-(JSONL), unreadable images (errors.jsonl; they are skipped, never silently) and summary.json.
+(JSONL), unreadable images (errors.jsonl; they are skipped, never silently) and summary.json,
+whose `model` object (`model_record`) says which model wrote them.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -40,6 +42,26 @@ class BatchResult:
     provider: str
     out: str
     files: dict[str, str]
+    model: dict[str, Any] | None = None  # model_record()
+
+
+def model_record(
+    uri: str,
+    name: str | None = None,
+    version: str | None = None,
+    run_id: str | None = None,
+    bundle_sha256: str | None = None,
+) -> dict[str, Any]:
+    """summary.json's `model`: the model as given (a registry URI, or the folder's path), the
+    registered name and version it resolved to and the run that logged it (None for a folder),
+    and the bundle's digest (`Bundle.digest()`)."""
+    return {
+        "uri": uri,
+        "name": name,
+        "version": version,
+        "run_id": run_id,
+        "bundle_sha256": bundle_sha256,
+    }
 
 
 def embedding_table(ids: list[str], emb: np.ndarray, extra: dict | None = None) -> pa.Table:
@@ -104,14 +126,16 @@ def embed_folder(
     top: int = 5,
     files: list[Path] | None = None,
     progress: Callable[[int], None] | None = None,
+    model: dict[str, Any] | None = None,
 ) -> BatchResult:
     """Embed `queries` and the images of `images_dir` (or only `files` under it, a shard; ids
-    stay relative to `images_dir`) and write retrievals between them under `out`."""
+    stay relative to `images_dir`) and write retrievals between them under `out`. `model` is
+    summary.json's record of the model (default: the encoder's bundle folder)."""
     images = None
     if images_dir is not None:
         files = list_images(images_dir) if files is None else [Path(f) for f in files]
         images = ((str(f.relative_to(images_dir)), f) for f in files)
-    return embed_images(enc, images, queries, out, top, progress)
+    return embed_images(enc, images, queries, out, top, progress, model)
 
 
 def embed_images(
@@ -121,9 +145,10 @@ def embed_images(
     out: Path,
     top: int = 5,
     progress: Callable[[int], None] | None = None,
+    model: dict[str, Any] | None = None,
 ) -> BatchResult:
     """Embed `queries` and `images` ((id, path or encoded bytes) pairs, streamed) and write
-    retrievals between them under `out`."""
+    retrievals between them under `out` (`model`: as in `embed_folder`)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, str] = {}
@@ -172,6 +197,11 @@ def embed_images(
     if errors:
         log.warning("%d unreadable image(s) skipped; see %s", len(errors), out / ERRORS)
     provider = enc.provider if image_ids else enc.text_session.get_providers()[0]
-    result = BatchResult(len(image_ids), len(queries), len(errors), provider, str(out), written)
+    if model is None:
+        root = enc.bundle.root.resolve()
+        model = model_record(str(root), bundle_sha256=enc.bundle.digest())
+    result = BatchResult(
+        len(image_ids), len(queries), len(errors), provider, str(out), written, model
+    )
     (out / SUMMARY).write_text(json.dumps(asdict(result), indent=2))
     return result

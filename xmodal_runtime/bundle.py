@@ -8,16 +8,26 @@ pyfunc and the registry read it, through this module only:
       image_encoder.<variant>.onnx, text_encoder.<variant>.onnx   int8 / fp16 (optional)
       tokenizer/tokenizer.json                        the text tower's tokenizer (HF `tokenizers`)
       meta.json                                       Meta below
+      sha256.json                                     every other file's sha256, by path
+
+A bundle's identity is `Bundle.digest()`: one sha256 over its files' hashes (`bundle_digest`).
+Export writes sha256.json last and register copies it into the version's tags; `Bundle.open`
+checks every file against it, so a file changed, added or removed after export is refused by
+name before anything loads it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 META_FILE = "meta.json"
+MANIFEST_FILE = "sha256.json"
+# A registered version's tag per bundle file: `sha256.<path>` = its hex digest.
+HASH_TAG = "sha256."
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILE = "tokenizer.json"
 IMAGE_TOWER = "image_encoder"
@@ -89,7 +99,9 @@ class Bundle:
     meta: Meta
 
     @classmethod
-    def open(cls, folder: Path | str) -> Bundle:
+    def open(cls, folder: Path | str, verify: bool = True) -> Bundle:
+        """The bundle in `folder`, its layout checked and (`verify`) every file's sha256 checked
+        against sha256.json. Export alone opens a bundle it is still writing unverified."""
         root = Path(folder)
         if not root.is_dir():
             raise BundleError(f"model folder not found: {root}")
@@ -106,6 +118,8 @@ class Bundle:
         if not bundle.tokenizer_file.is_file():
             raise BundleError(f"{root} is not an exported model folder: {bundle.tokenizer_file} "
                               "is missing")  # fmt: skip
+        if verify:
+            verify_files(root)
         return bundle
 
     @property
@@ -121,6 +135,14 @@ class Bundle:
         return [
             v for v in VARIANTS if all((self.root / tower_file(t, v)).is_file() for t in TOWERS)
         ]
+
+    def file_hashes(self) -> dict[str, str]:
+        """sha256 (hex) of each file of the bundle, by its relative posix path, sorted."""
+        return file_hashes(self.root)
+
+    def digest(self) -> str:
+        """The bundle's sha256: see `bundle_digest`."""
+        return bundle_digest(self.file_hashes())
 
     def tower(self, tower: str, variant: str = "fp32") -> Path:
         path = self.root / tower_file(tower, variant)
@@ -138,3 +160,61 @@ def find_bundle(folder: Path | str) -> Path:
     if not found:
         raise BundleError(f"{folder} holds no exported model ({META_FILE} not found)")
     return found[0].parent
+
+
+def file_hashes(folder: Path | str) -> dict[str, str]:
+    """sha256 (hex) of every file under `folder`, recursively, by relative posix path, sorted."""
+    root = Path(folder)
+    out = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        with open(path, "rb") as f:
+            out[path.relative_to(root).as_posix()] = hashlib.file_digest(f, "sha256").hexdigest()
+    return dict(sorted(out.items()))
+
+
+def bundle_digest(hashes: dict[str, str]) -> str:
+    """One sha256 for a bundle: over its sorted `<path>  <sha256>` lines, each ending in a
+    newline (`file_hashes`). Equal for an exported folder and its copy downloaded from the
+    registry; any change to any file changes it."""
+    lines = "".join(f"{path}  {digest}\n" for path, digest in sorted(hashes.items()))
+    return hashlib.sha256(lines.encode("utf-8")).hexdigest()
+
+
+def write_manifest(folder: Path | str) -> dict[str, str]:
+    """Record the sha256 of every file of the bundle in sha256.json (export's last step)."""
+    hashes = {k: v for k, v in file_hashes(folder).items() if k != MANIFEST_FILE}
+    (Path(folder) / MANIFEST_FILE).write_text(json.dumps({"sha256": hashes}, indent=2))
+    return hashes
+
+
+def read_manifest(folder: Path | str) -> dict[str, str]:
+    path = Path(folder) / MANIFEST_FILE
+    if not path.is_file():
+        raise BundleError(
+            f"{folder} has no {MANIFEST_FILE}, so its files cannot be verified (exported before "
+            "hashes were recorded?): export it again"
+        )
+    try:
+        return dict(json.loads(path.read_text())["sha256"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise BundleError(f"{path} is not a valid file-hash manifest: {err}") from None
+
+
+def verify_files(folder: Path | str, expected: dict[str, str] | None = None) -> dict[str, str]:
+    """Check every file against the manifest (or `expected`, e.g. the registry's tags); raise a
+    BundleError naming the first file changed, missing or added since. Returns the hashes."""
+    expected = read_manifest(folder) if expected is None else expected
+    actual = {k: v for k, v in file_hashes(folder).items() if k != MANIFEST_FILE}
+    for name in sorted(set(expected) | set(actual)):
+        if name not in actual:
+            raise BundleError(f"{Path(folder) / name} is missing: it was part of the export")
+        if name not in expected:
+            raise BundleError(
+                f"{Path(folder) / name} was not part of the export (not in its hashes)"
+            )
+        if actual[name] != expected[name]:
+            raise BundleError(
+                f"{Path(folder) / name} changed after export: sha256 {actual[name][:16]}..., "
+                f"recorded {expected[name][:16]}...; refusing to load it"
+            )
+    return actual

@@ -63,6 +63,9 @@ class PathsParams(_Section):
     export_report: str = "reports/export.json"
     register_report: str = "reports/register.json"
     infer: str = "outputs/infer"
+    # registry models downloaded by `xmodal infer` and the batch-inference flow, one folder per
+    # tracking URI, model and version (git-ignored, not DVC-tracked)
+    model_cache: str = ".xmodal/models"
 
 
 class CocoSource(_Section):
@@ -305,9 +308,13 @@ class RegisterParams(_Section):
 
 
 class PromoteParams(_Section):
-    # Gates, comparing candidate and champion on the same test split through ONNX Runtime:
-    # parity passed; mean R@1 >= champion's + min_delta; no other R@K drops by more than tolerance.
+    # Gates, scoring the candidate (and the champion, when there is one) on the same test split
+    # through ONNX Runtime: parity passed; not rolled back (unless forced); mean of i2t and t2i
+    # R@1 >= min_mean_r1 (also for the first champion); mean R@1 > champion's + min_delta, an
+    # exact tie passing only with on_tie=promote; no other R@K drops by more than tolerance.
     min_delta: float = Field(0.0, ge=-1.0, le=1.0)
+    min_mean_r1: float = Field(0.6, ge=0.0, le=1.0)
+    on_tie: Literal["refuse", "promote"] = "refuse"
     tolerance: float = Field(0.02, ge=0.0, le=1.0)
     previous_alias: str = "previous-champion"
     variant: Literal["fp32", "int8", "fp16"] = "fp32"

@@ -18,6 +18,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from tasks.common import runlock
 from tasks.common.config import DEFAULT_PARAMS, Params, load_params
 
 log = logging.getLogger("xmodal")
@@ -27,6 +28,9 @@ StageFn = Callable[[Params, Path], Any]
 
 class StageFailed(RuntimeError):
     """A stage's own error, named by stage: what the Prefect UI shows as the failed state."""
+
+
+SKIPPED_MESSAGE = "unchanged since dvc.lock: deps, params and outputs match; not run"
 
 
 @dataclass(frozen=True)
@@ -100,13 +104,19 @@ def commit_stage(root: Path, name: str) -> None:
         repo.commit(name, force=True)
 
 
-def run_stage(name: str, fn: StageFn, root: Path | str = ".", force: bool = False) -> StageOutcome:
-    """Run one pipeline stage through DVC's bookkeeping; skip it when DVC says it is unchanged."""
+def run_stage(name: str, fn: StageFn, root: Path | str = ".", force: bool = False):
+    """Run one pipeline stage through DVC's bookkeeping; skip it when DVC says it is unchanged.
+
+    The Prefect-task body: a skipped stage returns a `Skipped` state (type COMPLETED, its data
+    the StageOutcome), so the Prefect UI tells a skipped task from one that ran."""
     root = Path(root).resolve()
     start = time.perf_counter()
     if not force and not stage_changed(root, name):
         log.info("stage %s: unchanged, skipped (dvc.lock is up to date)", name)
-        return StageOutcome(name, True, time.perf_counter() - start)
+        from prefect.states import Completed
+
+        outcome = StageOutcome(name, True, time.perf_counter() - start)
+        return Completed(name="Skipped", message=SKIPPED_MESSAGE, data=outcome)
     try:
         params = load_params(root / DEFAULT_PARAMS)
         result = fn(params, root)
@@ -157,9 +167,12 @@ def main(name: str, fn: StageFn, argv: list[str] | None = None) -> Any:
     # Importing Prefect gave the root logger a handler (basicConfig is then a no-op) and left it
     # at WARNING: the project's own INFO lines still reach that handler through this level.
     log.setLevel(logging.INFO)
+    root = (args.root or args.params.resolve().parent).resolve()
     try:
         params = load_params(args.params, args.overrides, args.presets)
-        return fn(params, (args.root or args.params.resolve().parent).resolve())
+        # `dvc repro` runs this per stage: refused while a pipeline run holds the checkout.
+        with runlock.hold(root, f"python -m tasks.{name}"):
+            return fn(params, root)
     except (*USER_ERRORS, StageFailed) as err:
         if args.verbose:
             raise
@@ -167,17 +180,6 @@ def main(name: str, fn: StageFn, argv: list[str] | None = None) -> Any:
         # traceback is one --verbose away.
         message = " ".join(str(err).split())
         parser.exit(2, f"stage {name} failed: {type(err).__name__}: {message}\n")
-
-
-def configure(root: Path | str = ".", overrides: list[str] | None = None) -> str:
-    """Validate params and overrides before any work; persist overrides; return the params hash."""
-    path = Path(root).resolve() / DEFAULT_PARAMS
-    params = load_params(path, overrides)
-    if overrides:
-        from tasks.common.config import persist_overrides
-
-        persist_overrides(path, overrides)
-    return params.params_hash()
 
 
 def progress(iterable=None, **kwargs) -> tqdm:

@@ -86,8 +86,9 @@ def resume_run(p: MlflowParams, root: Path, run_file: Path) -> Iterator[mlflow.A
         yield run
 
 
-def git_state(root: Path) -> dict[str, str]:
-    """Current commit and whether the tracked tree differs from it."""
+def git_state(root: Path, ignore: tuple[str, ...] = ()) -> dict[str, str]:
+    """Current commit and whether the tracked tree differs from it, outside `ignore` (the files
+    the pipeline itself writes: dvc.lock, the reports; see register)."""
 
     def git(*args: str) -> str:
         return subprocess.run(
@@ -96,10 +97,17 @@ def git_state(root: Path) -> dict[str, str]:
 
     try:
         commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        excluded = [f":(exclude){p}" for p in ignore]
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", *excluded))
     except (subprocess.CalledProcessError, FileNotFoundError):
         return {"git_commit": "unknown", "git_dirty": "unknown"}
     return {"git_commit": commit, "git_dirty": str(dirty).lower()}
+
+
+def experiment_tags() -> dict[str, str]:
+    """The DVC experiment this run is (`dvc exp run`, or a flow run with overrides), if any."""
+    name, tags = run_identity()
+    return {k: v for k, v in tags.items() if k.startswith("dvc_exp_")}
 
 
 class MetricSink(Protocol):
