@@ -37,7 +37,13 @@ def is_expected(err: BaseException) -> bool:
 
 
 def one_line(err: BaseException) -> str:
-    """The message on one line: its lines joined by "; " (after a colon, by a space)."""
+    """The message on one line: its lines joined by "; " (after a colon, by a space); a server
+    that did not answer is named as such."""
+    from tasks.common.stage import unreachable
+
+    server = unreachable(err)
+    if server:
+        return f"error: {server}"
     text = ""
     for line in (" ".join(x.split()) for x in str(err).splitlines()):
         if line:

@@ -67,6 +67,10 @@ def run(
     print_summary(root, result)
 
 
+def _skip_word(outcome) -> str:
+    return "restored from run cache" if outcome.reason.startswith("restored") else "skipped"
+
+
 def print_summary(root: Path, result) -> None:
     """The run's stages, metrics, parity, registered version, demo queries and where things are;
     an experiment's files are read from its git ref (the checkout holds the baseline's)."""
@@ -80,7 +84,8 @@ def print_summary(root: Path, result) -> None:
     echo(
         "\nstages: "
         + ", ".join(
-            f"{n} ({'skipped' if o.skipped else f'{o.seconds:.0f}s'})" for n, o in outcomes.items()
+            f"{n} ({_skip_word(o) if o.skipped else f'{o.seconds:.0f}s'})"
+            for n, o in outcomes.items()
         )
     )
     m = json.loads(read(paths.metrics))["test"]

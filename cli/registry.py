@@ -67,6 +67,7 @@ def history(params_file: ParamsFile = DEFAULT_PARAMS) -> None:
     from tasks.common import aliases, tracking
 
     params = load_params(params_file)
+    tracking.http_settings(params.mlflow)
     uri = tracking.tracking_uri(params.mlflow, params_file.resolve().parent)
     name = params.register.model_name
     client = MlflowClient(tracking_uri=uri)

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 HOST = "127.0.0.1"
 WORK_POOL = "xmodal-process"
@@ -62,8 +64,29 @@ class Services:
     def log_file(self, name: str) -> Path:
         return self.state / "logs" / f"{name}.log"
 
-    def postgres_url(self, database: str, driver: str) -> str:
-        return f"postgresql+{driver}://xmodal@{HOST}:{self.postgres_port}/{database}"
+    @property
+    def postgres_password_file(self) -> Path:
+        return self.state / "postgres.password"
+
+    def postgres_password(self) -> str:
+        """XMODAL_POSTGRES_PASSWORD, else the password generated for this state dir's cluster
+        (a 0600 file beside the pid files), created on first use."""
+        given = os.environ.get("XMODAL_POSTGRES_PASSWORD")
+        if given:
+            return given
+        path = self.postgres_password_file
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(18))
+        return path.read_text().strip()
+
+    def postgres_url(self, database: str, driver: str, secret: bool = False) -> str:
+        """The store URL; with the password only when `secret` (for a server's environment,
+        never for a command line, a message or a log)."""
+        login = f"xmodal:{quote(self.postgres_password(), safe='')}" if secret else "xmodal"
+        return f"postgresql+{driver}://{login}@{HOST}:{self.postgres_port}/{database}"
 
     def client_env(self) -> dict[str, str]:
         """What `prefect`/`mlflow` clients and the worker's flow runs need to reach the servers."""

@@ -180,7 +180,8 @@ def start_prefect_server(s: Services, launched: list[str]) -> None:
         **s.extra_env,
     }
     if s.backend == "postgres":
-        env["PREFECT_API_DATABASE_CONNECTION_URL"] = s.postgres_url("prefect", "asyncpg")
+        # Through the environment only: a command line is visible to every user (ps).
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = s.postgres_url("prefect", "asyncpg", True)
     cmd = [venv_bin("prefect"), "server", "start", "--host", HOST, "--port", str(s.prefect_port)]
     # A PREFECT_API_URL from the caller's shell would make the server a client of another API.
     address = f"http://{HOST}:{s.prefect_port} (API {s.prefect_api})"
@@ -191,11 +192,13 @@ def start_prefect_server(s: Services, launched: list[str]) -> None:
 def start_mlflow_server(s: Services, launched: list[str]) -> None:
     store = s.state / "mlflow"
     store.mkdir(parents=True, exist_ok=True)
-    backend = (
-        s.postgres_url("mlflow", "psycopg")
-        if s.backend == "postgres"
-        else f"sqlite:///{(store / 'mlflow.db').resolve()}"
-    )
+    env = dict(s.extra_env)
+    if s.backend == "postgres":
+        # The password goes through the environment (MLflow reads MLFLOW_BACKEND_STORE_URI),
+        # never the command line, which every user can read with ps.
+        env["MLFLOW_BACKEND_STORE_URI"] = s.postgres_url("mlflow", "psycopg", secret=True)
+    else:
+        env["MLFLOW_BACKEND_STORE_URI"] = f"sqlite:///{(store / 'mlflow.db').resolve()}"
     cmd = [
         venv_bin("mlflow"),
         "server",
@@ -205,12 +208,10 @@ def start_mlflow_server(s: Services, launched: list[str]) -> None:
         str(s.mlflow_port),
         "--workers",
         "1",
-        "--backend-store-uri",
-        backend,
         "--artifacts-destination",
         (store / "artifacts").resolve().as_uri(),
     ]
-    proc = _spawn(s, "mlflow-server", cmd, dict(s.extra_env), s.mlflow_uri, launched)
+    proc = _spawn(s, "mlflow-server", cmd, env, s.mlflow_uri, launched)
     _wait(s, "mlflow-server", proc, lambda: _http_ok(f"{s.mlflow_uri}/health"))
 
 
@@ -237,7 +238,13 @@ def _worker_online(s: Services, worker: str) -> bool:
 
 def start_worker(s: Services, launched: list[str]) -> None:
     # The flow runs the worker starts inherit this environment: MLflow goes to the server.
-    env = {**s.client_env(), **s.extra_env}
+    env = {
+        **s.client_env(),
+        # A Prefect server restart is survived if it is back within the client's retries:
+        # 2, 4, ... 256 s with 8 retries (about 8.5 minutes; Prefect's default 5 is 1 minute).
+        "PREFECT_CLIENT_MAX_RETRIES": "8",
+        **s.extra_env,
+    }
     # Its own name: a worker stopped seconds ago still shows ONLINE until its heartbeat lapses.
     worker = f"xmodal-{uuid.uuid4().hex[:8]}"
     cmd = [venv_bin("prefect"), "worker", "start", "--pool", WORK_POOL, "--type", "process",
@@ -286,6 +293,12 @@ def stop(s: Services, echo: Callable[[str], None] = print, grace: float = 15.0) 
     """Stop the processes named by the pid files (their whole process groups), forget stale
     pid files; return the names of those that ran."""
     return [name for name in reversed(ORDER) if _stop_one(s, name, echo, grace)]
+
+
+def stop_service(s: Services, name: str, echo: Callable[[str], None] = print) -> bool:
+    """Stop one recorded service (its process group); True if it ran. Its `start_*` restarts it
+    on the same port and store."""
+    return _stop_one(s, name, echo)
 
 
 def _stop_one(

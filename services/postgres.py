@@ -1,8 +1,11 @@
 """A PostgreSQL cluster for the production profile: Prefect's and MLflow's backend stores.
 
-Uses the Debian `postgresql` binaries (initdb, pg_ctl) on 127.0.0.1 with trust authentication for
-the `xmodal` role: a local development profile, not a hardened database. PostgreSQL refuses to
-run as root, so under root the cluster runs as the `postgres` OS user in a directory it owns.
+Uses the Debian `postgresql` binaries (initdb, pg_ctl) on 127.0.0.1. The `xmodal` role has a
+password (XMODAL_POSTGRES_PASSWORD, or one generated per state dir) and TCP connections need it
+(scram-sha-256); only the cluster's own Unix socket, in a directory only its owner reads, trusts.
+The password reaches the servers through their environment, never a command line or a log.
+PostgreSQL refuses to run as root, so under root the cluster runs as the `postgres` OS user in a
+directory it owns.
 """
 
 from __future__ import annotations
@@ -47,8 +50,9 @@ def _record(s: Services) -> Path:
     return s.state / "postgres.json"
 
 
-def _pg(cmd: list[str], what: str) -> None:
-    done = subprocess.run(_as_owner(cmd), capture_output=True, text=True)
+def _pg(cmd: list[str], what: str, password: str | None = None) -> None:
+    env = {**os.environ, "PGPASSWORD": password} if password else None  # libpq reads it
+    done = subprocess.run(_as_owner(cmd), capture_output=True, text=True, env=env)
     if done.returncode:
         raise ServiceError(f"postgres: {what} failed ({done.returncode}): {done.stderr.strip()}")
 
@@ -62,8 +66,16 @@ def start_postgres(s: Services, launched: list[str]) -> None:
         cluster.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
             shutil.chown(cluster, OS_USER, OS_USER)
-        _pg([str(bindir / "initdb"), "-D", str(data), "-U", ROLE, "--auth=trust",
-             "--encoding=UTF8", "--no-instructions"], "initdb")  # fmt: skip
+        pwfile = cluster / "initdb.pw"  # initdb reads the password from a file, then it goes
+        pwfile.write_text(s.postgres_password())
+        if os.geteuid() == 0:
+            shutil.chown(pwfile, OS_USER, OS_USER)
+        try:
+            _pg([str(bindir / "initdb"), "-D", str(data), "-U", ROLE, f"--pwfile={pwfile}",
+                 "--auth-host=scram-sha-256", "--auth-local=trust", "--encoding=UTF8",
+                 "--no-instructions"], "initdb")  # fmt: skip
+        finally:
+            pwfile.unlink(missing_ok=True)
     _record(s).parent.mkdir(parents=True, exist_ok=True)
     _record(s).write_text(json.dumps({"cluster": str(cluster), "bindir": str(bindir)}))
     options = f"-p {s.postgres_port} -c listen_addresses={HOST} -k {cluster}"
@@ -75,12 +87,12 @@ def start_postgres(s: Services, launched: list[str]) -> None:
     pid = int((data / "postmaster.pid").read_text().split()[0])
     write_record(s, "postgres", pid, f"postgresql://{HOST}:{s.postgres_port}")
     for db in DATABASES:
-        if not _database_exists(bindir, s.postgres_port, db):
+        if not _database_exists(bindir, s.postgres_port, db, s.postgres_password()):
             _pg([str(bindir / "createdb"), "-h", HOST, "-p", str(s.postgres_port), "-U", ROLE, db],
-                f"createdb {db}")  # fmt: skip
+                f"createdb {db}", s.postgres_password())  # fmt: skip
 
 
-def _database_exists(bindir: Path, port: int, db: str) -> bool:
+def _database_exists(bindir: Path, port: int, db: str, password: str) -> bool:
     psql = shutil.which("psql") or str(bindir / "psql")
     done = subprocess.run(
         [
@@ -98,6 +110,7 @@ def _database_exists(bindir: Path, port: int, db: str) -> bool:
         ],  # fmt: skip
         capture_output=True,
         text=True,
+        env={**os.environ, "PGPASSWORD": password},
     )
     return done.stdout.strip() == "1"
 

@@ -219,7 +219,8 @@ def set_aliases(client: MlflowClient, p: RegisterParams, version: str) -> list[s
     """`candidate` on the new version, recorded in the alias history. Never `champion`, not
     even on an empty registry: only a promotion that passes the gates moves it."""
     before = aliases.alias_version(client, p.model_name, p.candidate_alias)
-    aliases.move(client, p.model_name, p.candidate_alias, version, "register", before=before)
+    if before != version:  # a retried register finds it moved already
+        aliases.move(client, p.model_name, p.candidate_alias, version, "register", before=before)
     return [p.candidate_alias]
 
 
@@ -235,11 +236,18 @@ def register(
     lineage: dict[str, str],
     raw: Path,
 ) -> RegisterResult:
-    """Log artifacts and lineage to the training run and register the exported model."""
+    """Log artifacts and lineage to the training run and register the exported model; a rerun
+    for the same training run and bundle (after a failure, say) returns the version it made."""
     metrics = read_json(metrics_json)["test"]
     bundle = Bundle.open(onnx_dir)
     export_report = read_json(export_json)
     parity = export_report["parity"]
+    tracking.setup(mlflow_p, root)
+    done = registered_before(MlflowClient(), p.model_name, train_dir / tracking.RUN_FILE, bundle)
+    if done is not None:
+        log.info("%s v%s already registers this run's bundle: not registered again",
+                 p.model_name, done.version)  # fmt: skip
+        return _result(MlflowClient(), p, done, lineage, report)
     with tracking.resume_run(mlflow_p, root, train_dir / tracking.RUN_FILE) as run:
         mlflow.set_tags({**lineage, "parity_passed": str(parity["passed"]).lower()})
         trained_with = mlflow.get_run(run.info.run_id).data.params  # what train logged
@@ -282,13 +290,36 @@ def register(
         # A tracking server refuses a `models:/m-...` source unless its model id is named too.
         model_id=info.model_id,
     )
-    aliases = set_aliases(client, p, mv.version)
+    return _result(client, p, mv, lineage, report, experiment_id)
+
+
+def registered_before(client: MlflowClient, name: str, run_file: Path, bundle: Bundle):
+    """The version of `name` already registered from this training run with this very bundle
+    (same sha256), or None: what makes a retried register create no second version."""
+    if not run_file.is_file():
+        return None
+    run_id = json.loads(run_file.read_text())["run_id"]
+    try:
+        found = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    digest = bundle.digest()
+    same = [v for v in found if (v.tags or {}).get("bundle_sha256") == digest]
+    return max(same, key=lambda v: int(v.version)) if same else None
+
+
+def _result(client, p: RegisterParams, mv, lineage: dict, report: Path, experiment_id: str = ""):
+    """Set the aliases of version `mv` and write the register report."""
+    if not experiment_id:
+        experiment_id = client.get_run(mv.run_id).info.experiment_id
     result = RegisterResult(
-        run_id,
+        mv.run_id,
         p.model_name,
         str(mv.version),
-        aliases,
-        info.model_uri,
+        set_aliases(client, p, str(mv.version)),
+        mv.source,
         lineage["dvc_data_version"],
         experiment_id,
     )

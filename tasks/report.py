@@ -17,7 +17,12 @@ from prefect.artifacts import (
 from prefect.cache_policies import NONE
 
 from tasks.common.config import DEFAULT_PARAMS, load_params
+from tasks.common.registry import redact
 from tasks.common.tracking import tracking_uri
+
+
+def _why(o) -> str:
+    return "skipped: " + (o.reason.split(":")[0] if o.reason else "unchanged since dvc.lock")
 
 
 def stage_lines(outcomes: dict | None) -> list[str]:
@@ -25,8 +30,7 @@ def stage_lines(outcomes: dict | None) -> list[str]:
     if not outcomes:
         return []
     rows = [
-        f"| {name} | {'skipped: unchanged since dvc.lock' if o.skipped else 'ran'} | "
-        f"{o.seconds:.1f} |"
+        f"| {name} | {_why(o) if o.skipped else 'ran'} | {o.seconds:.1f} |"
         for name, o in outcomes.items()
     ]
     ran = sum(not o.skipped for o in outcomes.values())
@@ -63,7 +67,7 @@ def markdown_report(root: Path, outcomes: dict | None = None) -> tuple[str, list
         f"ONNX parity: **{'passed' if parity['passed'] else 'FAILED'}** "
         f"(max abs diff {parity['max_abs_diff']:.2e}, tolerance {parity['atol']:g}).",
         "",
-        mlflow_links(tracking_uri(params.mlflow, root), reg),
+        mlflow_links(redact(tracking_uri(params.mlflow, root)), reg),  # no credentials
     ]
     for png in sorted((root / paths.figures).glob("*.png")):
         data = base64.b64encode(png.read_bytes()).decode()
@@ -93,7 +97,7 @@ def plot_urls(root: Path) -> dict[str, str]:
     """URLs of the run's plots as the MLflow tracking server serves them (evaluate logs them
     under `plots/`); none for a local store, whose files have no URL a browser can load."""
     params = load_params(root / DEFAULT_PARAMS)
-    uri = tracking_uri(params.mlflow, root)
+    uri = redact(tracking_uri(params.mlflow, root))
     if not uri.startswith(("http://", "https://")):
         return {}
     run_id = json.loads((root / params.paths.register_report).read_text())["run_id"]

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
 COCO_MINI = ROOT.parent / "shared" / "data" / "coco-mini"
 
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -201,3 +205,42 @@ def scratch_text(num_layers: int = 1):
         max_positions=16,
         pooling="cls",
     )
+
+
+def clean_env() -> dict[str, str]:
+    """This environment without the test session's Prefect and MLflow settings, the venv's
+    scripts first on PATH: what a real process started by a test gets."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def project_env(repo: Path) -> dict[str, str]:
+    """clean_env() for a run in `repo`: its own Prefect home (ephemeral API), no progress bars."""
+    env = clean_env()
+    env.pop("XMODAL_RUN_TOKEN", None)  # a real second process, not a child of a test's run
+    env.update(
+        PREFECT_HOME=str(repo / ".prefect"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DO_NOT_TRACK="1",
+        TQDM_DISABLE="1",
+    )
+    return env
+
+
+@contextmanager
+def running_stack(s) -> Iterator:
+    """The real services `s` started (with clean_env: the servers must not inherit the test
+    session's Prefect), and stopped after, whatever happens."""
+    from services.manager import start, stop
+
+    old = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(clean_env())
+    try:
+        start(s, echo=print)
+        yield s
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+        stop(s, echo=print)

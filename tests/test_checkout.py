@@ -21,7 +21,7 @@ import yaml
 from tasks.common import checkout, runlock
 from tasks.common.config import ConfigError
 
-from .conftest import make_repo, tiny_params_dict
+from .conftest import make_repo, project_env, tiny_params_dict
 
 BIN = Path(sys.executable).parent
 HOLD = textwrap.dedent(
@@ -33,19 +33,6 @@ HOLD = textwrap.dedent(
         time.sleep(600)
     """
 )
-
-
-def _env(repo: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
-    env.pop(runlock.TOKEN_ENV, None)
-    env.update(
-        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-        PREFECT_HOME=str(repo / ".prefect"),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        DO_NOT_TRACK="1",
-        TQDM_DISABLE="1",
-    )
-    return env
 
 
 def _holder(root: Path) -> subprocess.Popen:
@@ -156,7 +143,7 @@ def _run(repo: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "cli", "run", "--root", str(repo), *args],
         cwd=repo,
-        env=_env(repo),
+        env=project_env(repo),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -207,7 +194,7 @@ def test_overlapping_runs_and_an_override_run_leave_the_checkout_as_it_was(proje
     b = _run(project)
     b_out, _ = b.communicate(timeout=300)
     stage = subprocess.run(
-        [sys.executable, "-m", "tasks.train"], cwd=project, env=_env(project),
+        [sys.executable, "-m", "tasks.train"], cwd=project, env=project_env(project),
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     a_out, _ = a.communicate(timeout=900)

@@ -88,3 +88,25 @@ def test_bundle_file_names_are_spelled_only_in_the_bundle_module():
                 and BUNDLE_NAME.match(node.value)
             ]
     assert not spelled, spelled
+
+
+def test_no_pickle_on_any_load_path():
+    """Checkpoints load with weights_only=True and nothing unpickles: a tampered file can at
+    worst fail to load, never run code. The pyfunc is logged as code, not as a pickle."""
+    offenders = []
+    for folder in ("model", "tasks", "xmodal_runtime", "cli", "flows", "services", "bench"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not isinstance(node, ast.Call):
+                    continue
+                name = ast.unparse(node.func)
+                where = f"{path.relative_to(ROOT)}:{node.lineno} {name}"
+                if name.endswith("torch.load"):
+                    kw = {k.arg: ast.unparse(k.value) for k in node.keywords}
+                    if kw.get("weights_only") != "True":
+                        offenders.append(where)
+                if re.match(r"(c?pickle|cloudpickle|joblib|dill)\.loads?$", name):
+                    offenders.append(where)
+    assert not offenders, offenders
+    register = (ROOT / "tasks" / "register.py").read_text()
+    assert 'python_model=str(RUNTIME / "mlflow_model.py")' in register  # models from code

@@ -4,7 +4,6 @@ ONNX Runtime, on tiny params, in a throwaway git repository."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import onnx
 import pytest
 import yaml
 
-from .conftest import extract_raw_images, make_repo, tiny_params_dict
+from .conftest import extract_raw_images, make_repo, project_env, tiny_params_dict
 from .test_dvc_deps import STAGES
 
 pytestmark = pytest.mark.slow
@@ -23,21 +22,9 @@ BIN = Path(sys.executable).parent
 MODEL = "xmodal-dual-encoder"
 
 
-def _env(repo: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
-    env.update(
-        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-        PREFECT_HOME=str(repo / ".prefect"),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        DO_NOT_TRACK="1",
-        TQDM_DISABLE="1",
-    )
-    return env
-
-
 def _sh(repo: Path, *args: str, timeout: int = 900, with_stderr: bool = False) -> str:
     proc = subprocess.run(
-        args, cwd=repo, env=_env(repo), capture_output=True, text=True, timeout=timeout
+        args, cwd=repo, env=project_env(repo), capture_output=True, text=True, timeout=timeout
     )
     assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc.stdout + proc.stderr if with_stderr else proc.stdout

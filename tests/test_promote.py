@@ -360,3 +360,46 @@ def test_cli_rollback_and_registry_history(project, store):
 
 def _test_index(params, root: Path) -> dict:
     return split_index(root / params.paths.prepared, "test")
+
+
+def test_two_promotions_started_together_are_serialised(project, store):
+    """Two real `xmodal promote` processes, started together on the same candidate: one moves
+    the champion, the other sees it moved (the re-check under the lock) and refuses; the
+    champion ends on the version that passed the gates, with one promotion in the history."""
+    params, root = project
+    name = "concurrent-model"
+    (root / "params.yaml").write_text(
+        yaml.safe_dump(
+            tiny_params_dict(
+                register={"model_name": name}, promote={"min_mean_r1": 0.0, "on_tie": "promote"}
+            ),
+            sort_keys=False,
+        )
+    )
+    p = _params(params, name, min_mean_r1=0.0, on_tie="promote")
+    _register(p, root)
+    assert promote_mod.run(p, root).promoted  # v1: the first champion
+    _register(p, root)  # v2: the candidate both processes compare
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    cmd = [str(BIN / "xmodal"), "promote", "--params", "params.yaml"]
+    procs = [
+        subprocess.Popen(
+            cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+    outs = [proc.communicate(timeout=300) for proc in procs]
+    codes = sorted(proc.returncode for proc in procs)
+    text = "\n".join(o for pair in outs for o in pair)
+    assert text.count("PROMOTED") == 1, text
+    # The second either compared against v1 and found it moved (refused), or started late
+    # enough to find its candidate already champion (nothing to do).
+    if codes == [0, 1]:
+        assert "champion moved from v1 to v2" in text, text
+    else:
+        assert codes == [0, 0] and "already the champion" in text, text
+    assert _alias(name, "champion") == "2" and _alias(name, "previous-champion") == "1"
+    promotions = [m for m in _moves(name) if m[0] == "promote"]
+    assert promotions == [("promote", "champion", "1", "2")]

@@ -455,3 +455,21 @@ def test_registered_files_changed_after_registration_are_refused(project, tmp_pa
     (line,) = forged.stderr.splitlines()
     assert "tokenizer/tokenizer.json changed after export" in line
     assert f"registered {MODEL} v1 recorded its files' sha256" in line
+
+
+@pytest.mark.slow
+def test_the_pyfunc_refuses_a_changed_bundle_file(project, tmp_path: Path, monkeypatch):
+    """The registered MLflow model (what `mlflow models serve` loads) verifies its bundle on
+    load: one changed ONNX file and it refuses, naming the file."""
+    import mlflow
+
+    from xmodal_runtime.bundle import BundleError
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", project["uri"])
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}/1", dst_path=str(tmp_path)))
+    assert mlflow.pyfunc.load_model(str(local)) is not None  # as registered: loads
+    [onnx] = [p for p in local.rglob("text_encoder.onnx")]
+    with open(onnx, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(BundleError, match="text_encoder.onnx changed after export"):
+        mlflow.pyfunc.load_model(str(local))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import http.client
-import os
 import shutil
 import socket
 import subprocess
@@ -29,16 +28,10 @@ from services.base import (
 )
 from services.manager import start, status, stop
 
-from .conftest import free_port, make_repo
+from .conftest import clean_env, free_port, make_repo, running_stack
 
 BIN = Path(sys.executable).parent
 PROCESSES = ("prefect-server", "mlflow-server", "prefect-worker")
-
-
-def _clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    return env
 
 
 def _time_wait_on(port: int) -> bool:
@@ -118,7 +111,7 @@ def test_cli_refuses_to_start_over_a_recorded_live_process(tmp_path: Path):
         done = subprocess.run(
             [str(BIN / "xmodal"), "services", "start", "--state-dir", str(s.state)],
             cwd=tmp_path,
-            env={**_clean_env(), "XMODAL_PREFECT_PORT": str(free_port())},
+            env={**clean_env(), "XMODAL_PREFECT_PORT": str(free_port())},
             capture_output=True,
             text=True,
             timeout=120,
@@ -168,16 +161,8 @@ def stack(tmp_path_factory) -> Iterator[Services]:
         mlflow_port=free_port(),
         timeout=300,
     )
-    old, clean = dict(os.environ), _clean_env()
-    os.environ.clear()
-    os.environ.update(clean)  # the servers must not inherit the test session's Prefect
-    try:
-        start(s, echo=print)
+    with running_stack(s):
         yield s
-    finally:
-        os.environ.clear()
-        os.environ.update(old)
-        stop(s, echo=print)
 
 
 @pytest.mark.services

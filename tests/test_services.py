@@ -14,6 +14,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -21,11 +22,17 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 from services.base import DEPLOYMENTS, ServiceError, Services, require_postgres_binaries
-from services.manager import start, status, stop
+from services.manager import (
+    start,
+    start_mlflow_server,
+    start_prefect_server,
+    status,
+    stop_service,
+)
 from services.postgres import remove_cluster
 from tasks.common import runlock
 
-from .conftest import extract_raw_images, free_port, make_repo
+from .conftest import clean_env, extract_raw_images, free_port, make_repo, running_stack
 
 pytestmark = pytest.mark.services
 
@@ -33,17 +40,11 @@ BIN = Path(sys.executable).parent
 MODEL = "xmodal-dual-encoder"
 
 
-def _clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    return env
-
-
 def _prefect(s: Services, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     return subprocess.run(
         [str(BIN / "prefect"), *args],
         cwd=s.root,
-        env={**_clean_env(), **s.client_env(), "COLUMNS": "200"},
+        env={**clean_env(), **s.client_env(), "COLUMNS": "200"},
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -75,16 +76,10 @@ def services(request, tmp_path_factory):
         postgres_port=free_port(),
         timeout=300,
     )
-    old, clean = dict(os.environ), _clean_env()
-    os.environ.clear()
-    os.environ.update(clean)  # the servers must not inherit the test session's Prefect
     try:
-        start(s, echo=print)
-        yield s
+        with running_stack(s):
+            yield s
     finally:
-        os.environ.clear()
-        os.environ.update(old)
-        stop(s, echo=print)
         if s.backend == "postgres":
             remove_cluster(s)
 
@@ -120,6 +115,13 @@ def test_services_are_healthy_and_recorded(services: Services):
     assert "batch-inference/default" in listed.stdout
     env_file = (services.state / "env").read_text()
     assert f"MLFLOW_TRACKING_URI={services.mlflow_uri}" in env_file
+    # Every server listens on 127.0.0.1 only: no socket on another address or the wildcard.
+    ports = {services.prefect_port, services.mlflow_port}
+    if services.backend == "postgres":
+        ports.add(services.postgres_port)
+    ours = [(host, port) for host, port in _listening() if port in ports]
+    assert {port for _, port in ours} == ports, ours
+    assert all(host == "127.0.0.1" for host, _ in ours), ours
 
 
 def test_deployment_run_completes_against_mlflow_server(services: Services, deployment_run):
@@ -207,9 +209,53 @@ def test_batch_inference_deployment_serves_a_registered_model(services: Services
 def _pg_count(s: Services, database: str, sql: str) -> int:
     import psycopg
 
-    url = s.postgres_url(database, "psycopg").replace("postgresql+psycopg", "postgresql")
+    url = s.postgres_url(database, "psycopg", secret=True).replace(
+        "postgresql+psycopg", "postgresql"
+    )
     with psycopg.connect(url) as conn:
         return conn.execute(sql).fetchone()[0]
+
+
+def test_no_credential_reaches_a_log_a_command_line_or_a_tracked_record(
+    services: Services, deployment_run
+):
+    """The PostgreSQL password goes to the servers through their environment only: it is in no
+    service log, no process's command line, no MLflow param, tag or model card, and no Prefect
+    flow-run parameter or artifact."""
+    if services.backend != "postgres":
+        pytest.skip("only the postgres profile has a credential")
+    secret = services.postgres_password()
+    assert len(secret) >= 16
+    assert services.postgres_password_file.stat().st_mode & 0o777 == 0o600
+    assert _pg_count(services, "mlflow", "SELECT count(*) FROM model_versions") >= 1  # it works
+    leaks = []
+    for path in services.state.rglob("*"):
+        own = path == services.postgres_password_file  # the secret's one home (mode 0600)
+        if path.is_file() and not own and secret.encode() in path.read_bytes():
+            leaks.append(str(path))
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if secret.encode() in cmdline:
+            leaks.append(f"command line of pid {proc.name}")
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=services.mlflow_uri)
+    for run in client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], max_results=1000
+    ):
+        if secret in json.dumps([run.data.params, run.data.tags]):
+            leaks.append(f"MLflow run {run.info.run_id}")
+    for v in client.search_model_versions(f"name='{MODEL}'"):
+        if secret in json.dumps([v.tags, v.description or ""]):
+            leaks.append(f"model version {v.version}")
+    flow_runs = _post(services, "flow_runs/filter", {})
+    artifacts = _post(services, "artifacts/filter", {})
+    if secret in json.dumps([r["parameters"] for r in flow_runs] + [a["data"] for a in artifacts]):
+        leaks.append("Prefect flow-run parameters or artifacts")
+    assert not leaks, leaks
 
 
 def test_flow_run_artifacts_include_plots_served_by_mlflow(services: Services, deployment_run):
@@ -270,7 +316,9 @@ def test_skipped_stages_are_visible_in_prefect(services: Services, deployment_ru
     if services.backend != "sqlite":
         pytest.skip("task states do not depend on the backend: one is enough")
     runs = []
-    for _ in range(2):  # the first trains the committed params; the second finds all up to date
+    # The first trains the committed params (the data stages come back from DVC's run cache:
+    # the deployment run above prepared the same data); the second finds all up to date.
+    for _ in range(2):
         done = _prefect(services, "deployment", "run", "training-pipeline/default",
                         "--watch", "--watch-timeout", "900")  # fmt: skip
         assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
@@ -278,12 +326,128 @@ def test_skipped_stages_are_visible_in_prefect(services: Services, deployment_ru
     states = [_task_states(services, r["id"]) for r in runs]
     stages = ("ingest", "preprocess", "features", "train", "evaluate", "export", "register",
               "infer")  # fmt: skip
-    assert {states[0][s][0] for s in stages} == {"Completed"}, states[0]
+    ran = {s for s in stages if states[0][s][0] == "Completed"}
+    assert {"train", "evaluate", "export", "register", "infer"} <= ran, states[0]
+    restored = set(stages) - ran
+    assert all("run cache" in states[0][s][1] for s in restored), states[0]
     assert {states[1][s][0] for s in stages} == {"Skipped"}, states[1]
     assert all("unchanged since dvc.lock" in states[1][s][1] for s in stages)
     report = _artifacts(services, runs[1]["id"])["xmodal-report"]["data"]
     assert "## Stages: 0 ran, 8 skipped" in report
     assert "| train | skipped: unchanged since dvc.lock |" in report
+
+
+def test_mlflow_down_mid_register_loses_nothing_and_the_rerun_registers_once(
+    services: Services, deployment_run
+):
+    """The MLflow server is stopped while register uploads artifacts: the run fails with one
+    line naming the server, no version exists without its artifacts, promote fails the same
+    way within its bounded retries; restarted, a rerun of the same run reuses every finished
+    stage (DVC's run cache: the failed run was an experiment, put back) and registers once."""
+    if services.backend != "sqlite":
+        pytest.skip("the fault is the tracking server's, not its backend's: one is enough")
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=services.mlflow_uri)
+    before = _versions(client)
+    artifacts = services.state / "mlflow" / "artifacts"
+    seen = _files(artifacts)
+    created = _prefect(services, "deployment", "run", "training-pipeline/default", "-p", "seed=5")
+    run_id = _flow_run(services, created.stdout + created.stderr)["id"]
+    _wait_for(lambda: _task_states(services, run_id).get("register", ("",))[0] == "Running")
+    _wait_for(lambda: _files(artifacts) - seen, step=0.02)  # register is uploading
+    assert stop_service(services, "mlflow-server")
+    try:
+        state = _wait_for(lambda: _final_state(services, run_id), timeout=600)
+        assert state["type"] == "FAILED", state
+        assert (
+            f"stage register failed: MLflow server {services.mlflow_uri} is unreachable"
+            in (state["message"])
+        )
+        t0 = time.monotonic()
+        promote = subprocess.run(
+            [str(BIN / "xmodal"), "promote"], cwd=services.root, capture_output=True, text=True,
+            env={**clean_env(), **services.client_env()}, timeout=300,
+        )  # fmt: skip
+        assert time.monotonic() - t0 < 120  # bounded retries, not MLflow's default 4 minutes
+        errors = [x for x in promote.stderr.splitlines() if x.startswith("error:")]
+        assert promote.returncode == 1 and len(errors) == 1, promote.stderr[-2000:]
+        assert f"MLflow server {services.mlflow_uri} is unreachable" in errors[0]
+    finally:
+        start_mlflow_server(services, [])
+    assert _versions(client) == before  # none was created without its artifacts
+
+    again = _prefect(services, "deployment", "run", "training-pipeline/default", "-p", "seed=5",
+                     "--watch", "--watch-timeout", "900")  # fmt: skip
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    states = _task_states(services, _flow_run(services, again.stdout + again.stderr)["id"])
+    for name in ("ingest", "preprocess", "features", "train", "evaluate", "export"):
+        assert states[name][0] == "Skipped", (name, states[name])
+    assert "run cache" in states["train"][1]
+    assert states["register"][0] == "Completed"
+    after = _versions(client)
+    assert after[: len(before)] == before and len(after) == len(before) + 1
+
+
+def _listening() -> list[tuple[str, int]]:
+    """(address, port) of every listening TCP socket, IPv4 and IPv6 (/proc/net/tcp*)."""
+    out = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if state != "0A":  # LISTEN
+                continue
+            host, port = local.split(":")
+            if len(host) == 8:  # IPv4, little-endian hex
+                host = ".".join(str(int(host[i : i + 2], 16)) for i in (6, 4, 2, 0))
+            out.append((host, int(port, 16)))
+    return out
+
+
+def test_a_prefect_server_restart_during_a_run_is_survived(services: Services, deployment_run):
+    """The documented behaviour: the flow run's client retries its API calls (8 retries,
+    about 8.5 minutes), so a server stopped and started again meanwhile sees the run complete,
+    and its one version registered."""
+    if services.backend != "sqlite":
+        pytest.skip("the restart is the server's, not its backend's: one is enough")
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=services.mlflow_uri)
+    before = _versions(client)
+    created = _prefect(services, "deployment", "run", "training-pipeline/default", "-p", "seed=9")
+    run_id = _flow_run(services, created.stdout + created.stderr)["id"]
+    _wait_for(lambda: _task_states(services, run_id).get("train", ("",))[0] == "Running")
+    assert stop_service(services, "prefect-server")
+    time.sleep(5)  # the run goes on without its server
+    start_prefect_server(services, [])
+    state = _wait_for(lambda: _final_state(services, run_id), timeout=900)
+    assert state["type"] == "COMPLETED", state
+    assert len(_versions(client)) == len(before) + 1
+
+
+def _versions(client) -> list[str]:
+    found = client.search_model_versions(f"name='{MODEL}'")
+    return sorted((v.version for v in found), key=int)
+
+
+def _files(folder: Path) -> set[Path]:
+    return {p for p in folder.rglob("*") if p.is_file()} if folder.is_dir() else set()
+
+
+def _wait_for(check, timeout: float = 600, step: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout} s waiting for {check}")
+
+
+def _final_state(s: Services, flow_run_id: str) -> dict | None:
+    with urllib.request.urlopen(f"{s.prefect_api}/flow_runs/{flow_run_id}", timeout=10) as r:
+        state = json.loads(r.read())["state"]
+    return state if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
 
 
 def _post(s: Services, path: str, body: dict) -> list[dict]:

@@ -13,16 +13,20 @@ pyfunc and the registry read it, through this module only:
 A bundle's identity is `Bundle.digest()`: one sha256 over its files' hashes (`bundle_digest`).
 Export writes sha256.json last and register copies it into the version's tags; `Bundle.open`
 checks every file against it, so a file changed, added or removed after export is refused by
-name before anything loads it.
+name before anything loads it. A bundle exported before sha256.json existed opens with a
+warning (nothing to check it against).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("xmodal")
 
 META_FILE = "meta.json"
 MANIFEST_FILE = "sha256.json"
@@ -118,8 +122,17 @@ class Bundle:
         if not bundle.tokenizer_file.is_file():
             raise BundleError(f"{root} is not an exported model folder: {bundle.tokenizer_file} "
                               "is missing")  # fmt: skip
-        if verify:
+        if verify and (root / MANIFEST_FILE).is_file():
             verify_files(root)
+        elif verify:
+            # Exported before file hashes were recorded: loadable, but nothing vouches for it.
+            # A registered version's own hashes (its tags) are still checked by the registry.
+            log.warning(
+                "%s has no %s: its files cannot be verified (exported before file hashes were "
+                "recorded; export it again to have them)",
+                root,
+                MANIFEST_FILE,
+            )
         return bundle
 
     @property

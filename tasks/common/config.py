@@ -299,6 +299,11 @@ class MlflowParams(_Section):
     experiment: str = "xmodal"
     system_metrics: bool = True  # CPU/memory/disk/network (and GPU when present) during train
     system_metrics_interval: float = Field(10.0, gt=0)  # seconds between samples
+    # A tracking server that does not answer: MLflow's HTTP retries (backoff doubling from
+    # http_backoff seconds) and per-request timeout, then one line naming the server.
+    http_retries: int = Field(3, ge=0, le=10)
+    http_backoff: int = Field(2, ge=0, le=60)
+    http_timeout: int = Field(60, gt=0)
 
 
 class RegisterParams(_Section):

@@ -306,6 +306,7 @@ def resolve(
     registry lacks raises LookupError naming it and the tracking URI."""
     if not model.startswith((MODELS, RUNS)):
         return _resolve_folder(model)
+    tracking.http_settings(mlflow_p or MlflowParams())
     uri = tracking.tracking_uri(mlflow_p or MlflowParams(), Path(root))
     store = uri.removeprefix("sqlite:///")
     if uri.startswith("sqlite:///") and not Path(store).is_file():

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from tqdm import tqdm
 
@@ -31,6 +33,7 @@ class StageFailed(RuntimeError):
 
 
 SKIPPED_MESSAGE = "unchanged since dvc.lock: deps, params and outputs match; not run"
+RESTORED_MESSAGE = "restored from DVC's run cache: these deps and params ran before; not run"
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ class StageOutcome:
     skipped: bool
     seconds: float
     result: Any = None
+    reason: str = ""  # why a skipped stage did not run
 
 
 # MLflow error codes worth a retry (the server is busy or restarting), as opposed to a request
@@ -69,6 +73,26 @@ def is_transient(err: BaseException | None) -> bool:
     return False
 
 
+def unreachable(err: BaseException, tracking_uri: str | None = None) -> str | None:
+    """One line for a tracking server that did not answer, naming it; None for other errors.
+
+    MLflow's own HTTP retries (mlflow.http_retries, with backoff) were spent by then."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri or ""
+    if not uri.startswith(("http://", "https://")) or not is_transient(err):
+        return None
+    parts = urlsplit(uri)
+    if parts.password or parts.username:  # never print credentials
+        parts = parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))
+    cause = err
+    while cause.__cause__ or cause.__context__:
+        cause = cause.__cause__ or cause.__context__
+    retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "?")
+    return (
+        f"MLflow server {urlunsplit(parts)} is unreachable ({type(cause).__name__}) after "
+        f"{retries} retries with backoff; start it (make serve) and run again"
+    )
+
+
 def retry_if_transient(task, task_run, state) -> bool:
     """Prefect retry condition for I/O tasks: retry network/server errors, not bad input."""
     try:
@@ -97,11 +121,31 @@ def stage_changed(root: Path, name: str) -> bool:
 
 
 def commit_stage(root: Path, name: str) -> None:
-    """Record the stage in dvc.lock and move its outputs into the DVC cache, as `dvc repro` does."""
+    """Record the stage in dvc.lock and move its outputs into the DVC cache, as `dvc repro` does,
+    and save the run in DVC's run cache, so the same deps and params restore instead of rerun."""
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
-        repo.commit(name, force=True)
+        stages = repo.commit(name, force=True)
+        with repo.lock:
+            for committed in stages:
+                repo.stage_cache.save(committed)
+
+
+def restore_run(root: Path, name: str) -> bool:
+    """Check out the stage's outputs from DVC's run cache when its current deps and params ran
+    before (an experiment that was put back, a run retried after a failure), as `dvc repro`
+    does; then commit it. False when the run cache has no such run."""
+    from dvc.repo import Repo
+    from dvc.stage.cache import RunCacheNotFoundError
+
+    with Repo(str(root)) as repo, repo.lock:
+        try:
+            repo.stage_cache.restore(repo.stage.get_target(name))
+        except RunCacheNotFoundError:
+            return False
+    commit_stage(root, name)
+    return True
 
 
 def run_stage(name: str, fn: StageFn, root: Path | str = ".", force: bool = False):
@@ -111,19 +155,26 @@ def run_stage(name: str, fn: StageFn, root: Path | str = ".", force: bool = Fals
     the StageOutcome), so the Prefect UI tells a skipped task from one that ran."""
     root = Path(root).resolve()
     start = time.perf_counter()
+    reason = None
     if not force and not stage_changed(root, name):
-        log.info("stage %s: unchanged, skipped (dvc.lock is up to date)", name)
+        reason = SKIPPED_MESSAGE
+    elif not force and restore_run(root, name):
+        reason = RESTORED_MESSAGE
+    if reason:
+        log.info("stage %s: %s", name, reason)
         from prefect.states import Completed
 
-        outcome = StageOutcome(name, True, time.perf_counter() - start)
-        return Completed(name="Skipped", message=SKIPPED_MESSAGE, data=outcome)
+        outcome = StageOutcome(name, True, time.perf_counter() - start, reason=reason)
+        return Completed(name="Skipped", message=reason, data=outcome)
+    params = None
     try:
         params = load_params(root / DEFAULT_PARAMS)
         result = fn(params, root)
     except Exception as err:
         # The task (and so the flow) ends Failed with this one line as its state message; the
         # traceback stays in the task's logs.
-        raise StageFailed(f"stage {name} failed: {type(err).__name__}: {err}") from err
+        why = unreachable(err, params.mlflow.tracking_uri if params else None)
+        raise StageFailed(f"stage {name} failed: {why or f'{type(err).__name__}: {err}'}") from err
     commit_stage(root, name)
     return StageOutcome(name, False, time.perf_counter() - start, result)
 

@@ -51,8 +51,16 @@ def run_identity() -> tuple[str | None, dict[str, str]]:
     return (name or None), ({"prefect_flow_run_name": name} if name else {})
 
 
+def http_settings(p: MlflowParams) -> None:
+    """MLflow's HTTP retries, backoff and timeout from params (the environment's win)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(p.http_retries))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", str(p.http_backoff))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(p.http_timeout))
+
+
 def setup(p: MlflowParams, root: Path) -> str:
     """Point MLflow at the store and select the pipeline's experiment; return its id."""
+    http_settings(p)
     uri = tracking_uri(p, root)
     mlflow.set_tracking_uri(uri)
     exp = mlflow.get_experiment_by_name(p.experiment)
