@@ -234,9 +234,9 @@ def running_stack(s) -> Iterator:
     session's Prefect), and stopped after, whatever happens."""
     from services.manager import start, stop
 
-    old = dict(os.environ)
+    old, clean = dict(os.environ), clean_env()  # computed before the environment is cleared
     os.environ.clear()
-    os.environ.update(clean_env())
+    os.environ.update(clean)
     try:
         start(s, echo=print)
         yield s

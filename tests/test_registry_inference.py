@@ -117,6 +117,11 @@ def _model_copies(folder: Path) -> set[str]:
     return found
 
 
+def _versions_in(folder: Path) -> list[Path]:
+    """The entries of a model's cache folder but the per-version publishing locks."""
+    return sorted(p for p in folder.iterdir() if not p.name.endswith(".lock"))
+
+
 def _cache_of(project: dict) -> Path:
     """The model cache folder of the test registry (one tracking URI: one subfolder)."""
     [tracking_dir] = (project["project"] / ".xmodal" / "models").iterdir()
@@ -158,12 +163,12 @@ def test_two_infer_runs_download_once_and_leave_no_temp_folders(project, tmp_pat
         outs.append(out)
         tmp_entries.append(sorted(os.listdir(run_tmp)))
         if i == 0:  # the downloaded version, marked: a second download would replace it
-            [version_dir] = (_cache_of(project) / MODEL).iterdir()
+            [version_dir] = _versions_in(_cache_of(project) / MODEL)
             (version_dir / "first-download").write_text("")
             inode = (version_dir / "first-download").stat().st_ino
 
     cache = _cache_of(project)
-    assert [p.name for p in (cache / MODEL).iterdir()] == [version_dir.name]
+    assert [p.name for p in _versions_in(cache / MODEL)] == [version_dir.name]
     assert version_dir.name == f"v1-{project['run_id'][:8]}"
     assert (version_dir / "first-download").stat().st_ino == inode  # reused, not re-downloaded
     assert not [p for p in cache.rglob("*") if p.name.startswith(".tmp-")]
@@ -293,7 +298,7 @@ def test_interrupted_and_concurrent_downloads_never_count_as_cached(project, tmp
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", project["uri"])
     first = resolve(CANDIDATE, root=tmp_path, cache="cache")
-    [version_dir] = (next((tmp_path / "cache").iterdir()) / MODEL).iterdir()
+    [version_dir] = _versions_in(next((tmp_path / "cache").iterdir()) / MODEL)
     assert first.path.is_relative_to(version_dir)
     # A killed download's leftovers: a partial temp sibling, and a half folder in place.
     leftover = version_dir.parent / f"{TMP_PREFIX}{version_dir.name}-killed"
@@ -308,7 +313,7 @@ def test_interrupted_and_concurrent_downloads_never_count_as_cached(project, tmp
     os.utime(leftover, (0, 0))
     (again.path / "meta.json").unlink()
     assert resolve(CANDIDATE, root=tmp_path, cache="cache").bundle_sha256 == first.bundle_sha256
-    assert sorted(p.name for p in version_dir.parent.iterdir()) == [version_dir.name]
+    assert [p.name for p in _versions_in(version_dir.parent)] == [version_dir.name]
 
     # Concurrent: two threads resolve into an empty cache; one folder, complete, no temp left.
     cache2 = tmp_path / "cache2"
@@ -329,7 +334,7 @@ def test_interrupted_and_concurrent_downloads_never_count_as_cached(project, tmp
     assert {r.path for r in results} == {results[0].path}
     assert {r.bundle_sha256 for r in results} == {first.bundle_sha256}
     [tracking_dir] = cache2.iterdir()
-    assert [p.name for p in (tracking_dir / MODEL).iterdir()] == [version_dir.name]
+    assert [p.name for p in _versions_in(tracking_dir / MODEL)] == [version_dir.name]
 
 
 class _Records(logging.Handler):
@@ -416,7 +421,7 @@ def test_batch_flow_records_the_model_without_timeout_warnings(project, tmp_path
     assert not [m for m in messages if TIMEOUT_WARNING in m or "Timeout of" in m]
     assert not [r for r in handler.records if r.levelno >= logging.WARNING], messages
 
-    [version_dir] = (next((tmp_path / ".xmodal" / "models").iterdir()) / MODEL).iterdir()
+    [version_dir] = _versions_in(next((tmp_path / ".xmodal" / "models").iterdir()) / MODEL)
     [bundle_dir] = {p.parent for p in version_dir.rglob("meta.json")}
     expected = {
         "uri": CANDIDATE,

@@ -20,7 +20,6 @@ outside the cache.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -32,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
+
+from filelock import FileLock
 
 from tasks.common import tracking
 from tasks.common.config import MlflowParams, PathsParams
@@ -129,16 +130,15 @@ def cached_download(artifact_uri: str, folder: Path, tracking_uri: str) -> Bundl
         except BundleError as err:
             # named by the URI: the temporary folder is about to go
             raise BundleError(str(err).replace(str(tmp), artifact_uri)) from None
-        if folder.exists():  # there, but not a bundle (a hand-edited cache): set it aside
-            trash = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}old-", dir=folder.parent))
-            with contextlib.suppress(FileNotFoundError):  # another process set it aside first
+        # Publishing is serialised per version: another process may have published (then its
+        # folder is used, never set aside while it is being read) or left a broken one.
+        with FileLock(str(folder.parent / f".{folder.name}.lock"), timeout=600):
+            if folder.exists() and _open_cached(folder) is None:  # not a bundle: set aside
+                trash = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}old-", dir=folder.parent))
                 os.replace(folder, trash / folder.name)
-            shutil.rmtree(trash, ignore_errors=True)
-        try:
-            os.rename(tmp, folder)  # atomic; fails when another process published first
-        except OSError:
-            if _open_cached(folder) is None:
-                raise
+                shutil.rmtree(trash, ignore_errors=True)
+            if not folder.exists():
+                os.rename(tmp, folder)  # atomic: readers see all of it or nothing
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
     bundle = _open_cached(folder)
