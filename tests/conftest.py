@@ -244,3 +244,49 @@ def running_stack(s) -> Iterator:
         os.environ.clear()
         os.environ.update(old)
         stop(s, echo=print)
+
+
+def register_tiny_bundle(onnx: Path, store: Path, model: str, experiment: str):
+    """Register the exported bundle `onnx` as `model` through tasks.register.register, in a
+    fresh sqlite store under `store`, from a logged training run with test metrics and passed
+    parity; returns (RegisterResult, the store's tracking URI). MLFLOW_TRACKING_URI is the
+    store's only while registering."""
+    import json
+
+    import mlflow
+
+    from tasks.common import tracking
+    from tasks.common.config import MlflowParams, RegisterParams
+    from tasks.register import register
+
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    train = onnx.parent / "train"
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        mlflow_p = MlflowParams(tracking_uri=uri, experiment=experiment)
+        tracking.setup(mlflow_p, store)
+        with mlflow.start_run() as run:
+            mlflow.log_params({"ingest.source": "synthetic", "train.epochs": 1})
+        (train / tracking.RUN_FILE).write_text(json.dumps({"run_id": run.info.run_id}))
+        (store / "metrics.json").write_text(json.dumps({"test": {"i2t_R1": 0.5, "t2i_R1": 0.25}}))
+        parity = {"passed": True, "max_abs_diff": 0, "atol": 1e-4}
+        (store / "export_report.json").write_text(json.dumps({"parity": parity, "variants": {}}))
+        result = register(
+            RegisterParams(model_name=model),
+            mlflow_p,
+            train,
+            onnx,
+            store / "metrics.json",
+            store / "export_report.json",
+            store / "register.json",
+            store,
+            {"git_commit": "test", "dvc_data_version": "0" * 32, "params_hash": "test"},
+            onnx.parent / "raw",
+        )
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
+    return result, uri

@@ -21,7 +21,7 @@ import yaml
 
 from xmodal_runtime.bundle import Bundle, bundle_digest, file_hashes
 
-from .conftest import export_tiny_bundle, tiny_params_dict
+from .conftest import export_tiny_bundle, register_tiny_bundle, tiny_params_dict
 
 MODEL = "xmodal-regtest"
 CANDIDATE = f"models:/{MODEL}@candidate"
@@ -33,45 +33,10 @@ TEXTS = ["a red circle on the left", "a small blue square"]
 def project(tmp_path_factory):
     """A project folder (params.yaml) beside a sqlite registry holding version 1 of MODEL
     (alias candidate), registered by tasks.register from a tiny fp32 export."""
-    import mlflow
-
-    from tasks.common import tracking
-    from tasks.common.config import MlflowParams, RegisterParams
-    from tasks.register import register
-
     root = tmp_path_factory.mktemp("reginfer")
     onnx = export_tiny_bundle(root, [])
-    uri = f"sqlite:///{root / 'registry' / 'mlflow.db'}"
     (root / "registry").mkdir()
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    try:
-        mlflow_p = MlflowParams(tracking_uri=uri, experiment="xmodal-reginfer-test")
-        tracking.setup(mlflow_p, root / "registry")
-        with mlflow.start_run() as run:
-            mlflow.log_params({"ingest.source": "synthetic", "train.epochs": 1})
-        (root / "train" / tracking.RUN_FILE).write_text(json.dumps({"run_id": run.info.run_id}))
-        (root / "metrics.json").write_text(json.dumps({"test": {"i2t_R1": 0.5, "t2i_R1": 0.25}}))
-        (root / "export_report.json").write_text(
-            json.dumps({"parity": {"passed": True, "max_abs_diff": 0, "atol": 1e-4}})
-        )
-        result = register(
-            RegisterParams(model_name=MODEL),
-            mlflow_p,
-            root / "train",
-            onnx,
-            root / "metrics.json",
-            root / "export_report.json",
-            root / "register.json",
-            root / "registry",
-            {"git_commit": "test", "dvc_data_version": "0" * 32, "params_hash": "test"},
-            root / "raw",
-        )
-    finally:
-        if saved is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = saved
+    result, uri = register_tiny_bundle(onnx, root / "registry", MODEL, "xmodal-reginfer-test")
     assert result.version == "1" and "candidate" in result.aliases
     proj = root / "project"
     proj.mkdir()

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from .conftest import register_tiny_bundle
 from .test_runtime import build_bundle, png_b64, write_pngs
 
 MODEL = "xmodal-dual-encoder"
@@ -34,53 +35,19 @@ def registered(tmp_path_factory):
     """A tiny bundle registered through tasks.register.register in a fresh sqlite store."""
     import mlflow
 
-    from tasks.common import tracking
-    from tasks.common.config import MlflowParams, RegisterParams
-    from tasks.register import register
-
     root = tmp_path_factory.mktemp("serving")
     onnx = build_bundle(root)
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    try:
-        mlflow_p = MlflowParams(tracking_uri=uri, experiment="xmodal-serving-test")
-        tracking.setup(mlflow_p, root)
-        with mlflow.start_run() as run:
-            mlflow.log_params({"ingest.source": "synthetic", "train.epochs": 1})
-        (root / "train" / tracking.RUN_FILE).write_text(json.dumps({"run_id": run.info.run_id}))
-        (root / "metrics.json").write_text(json.dumps({"test": {"i2t_R1": 0.5, "t2i_R1": 0.25}}))
-        export_json = root / "export_report.json"
-        export_json.write_text(
-            json.dumps(
-                {"parity": {"passed": True, "max_abs_diff": 0, "atol": 1e-4}, "variants": {}}
-            )
+    result, uri = register_tiny_bundle(onnx, root, MODEL, "xmodal-serving-test")
+    assert result.aliases == ["candidate"]
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    mv = client.get_model_version_by_alias(MODEL, "candidate")
+    assert "## ONNX parity: passed" in mv.description
+    assert "| i2t_R1 | 0.5000 |" in mv.description
+    model_dir = Path(
+        mlflow.artifacts.download_artifacts(
+            CANDIDATE, dst_path=str(root / "downloaded"), tracking_uri=uri
         )
-        lineage = {"git_commit": "test", "dvc_data_version": "0" * 32, "params_hash": "test"}
-        result = register(
-            RegisterParams(model_name=MODEL),
-            mlflow_p,
-            root / "train",
-            onnx,
-            root / "metrics.json",
-            export_json,
-            root / "register.json",
-            root,
-            lineage,
-            root / "raw",
-        )
-        assert result.aliases == ["candidate"]
-        mv = mlflow.MlflowClient().get_model_version_by_alias(MODEL, "candidate")
-        assert "## ONNX parity: passed" in mv.description
-        assert "| i2t_R1 | 0.5000 |" in mv.description
-        model_dir = Path(
-            mlflow.artifacts.download_artifacts(CANDIDATE, dst_path=str(root / "downloaded"))
-        )
-    finally:
-        if saved is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = saved
+    )
     images = write_pngs(root / "images", 1)
     return {"root": root, "onnx": onnx, "uri": uri, "model_dir": model_dir, "images": images}
 
