@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import copy
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -20,7 +22,9 @@ COCO_MINI = ROOT.parent / "shared" / "data" / "coco-mini"
 os.environ.setdefault("TQDM_DISABLE", "1")
 # In-process flow runs use Prefect's ephemeral API: keep its state out of the user's home, and
 # give its first start (database migrations) time on a 2-core machine.
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="xmodal-prefect-"))
+if "PREFECT_HOME" not in os.environ:
+    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="xmodal-prefect-")
+    atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -115,6 +119,45 @@ def ingest_and_preprocess(root: Path, params) -> Path:
 def tiny_params_dict(**sections) -> dict:
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
     return deep_merge(deep_merge(base, TINY), sections)
+
+
+@contextmanager
+def _mlflow_uri_kept() -> Iterator[None]:
+    """Puts MLFLOW_TRACKING_URI back as it was. `mlflow.set_tracking_uri` also sets it (MLflow
+    3), and the stages read it before params (tracking.tracking_uri): without this, the next
+    test's stages would log into this test's store, or into a folder already removed."""
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        yield
+    finally:
+        if "mlflow" in sys.modules:
+            sys.modules["mlflow"].set_tracking_uri(None)  # forgets it
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        if saved is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_isolation(request, tmp_path_factory) -> Iterator[None]:
+    """Per module: the tracking URI kept, and the folders its shared fixtures made removed once
+    its tests all passed, which `tmp_path_retention_policy = "failed"` (pyproject.toml) does for
+    `tmp_path` but not for `tmp_path_factory.mktemp`. A full run writes about 8 GB there, and CI
+    shares this disk."""
+    base = tmp_path_factory.getbasetemp()
+    before, failed = set(base.iterdir()), request.session.testsfailed
+    with _mlflow_uri_kept():
+        yield
+    if request.config.getini("tmp_path_retention_policy") != "failed":
+        return
+    if request.session.testsfailed == failed:  # a failing module's folders stay to be read
+        for path in set(base.iterdir()) - before:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _test_isolation() -> Iterator[None]:
+    with _mlflow_uri_kept():
+        yield
 
 
 @pytest.fixture
