@@ -49,6 +49,23 @@ def test_early_stopping_keeps_the_best_val_epoch():
     assert best == 1 + int(np.argmax(trace))
 
 
+def test_csls_demotes_a_hub_image():
+    # Image 2 is a hub: every caption's nearest image, so plain text->image R@1 is 1/3. Its mean
+    # cosine to the bank's captions (0.80) is far above the others' (0.54), and CSLS with k=3
+    # ranks each caption's own image first; with k=1 the hub still wins (worked by hand).
+    norm = torch.nn.functional.normalize
+    images = norm(torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [1.0, 1.0, 0.2]]), dim=1)
+    texts = norm(torch.tensor([[1.0, 0.5, 0], [0.5, 1.0, 0], [0.3, 0.3, 1.0]]), dim=1)
+    feats = linear_probe.Features(images, texts, np.array([0, 1, 2]))
+    heads = linear_probe.Heads(3, 3, 3)
+    with torch.no_grad():
+        heads.image.weight.copy_(torch.eye(3))
+        heads.text.weight.copy_(torch.eye(3))
+    assert linear_probe.score(heads, feats)["t2i_R1"] == pytest.approx(1 / 3)
+    assert linear_probe.score_csls(heads, feats, feats, k=3)["t2i_R1"] == 1.0
+    assert linear_probe.score_csls(heads, feats, feats, k=1)["t2i_R1"] == pytest.approx(1 / 3)
+
+
 def test_probe_scores_the_pipelines_test_split(tmp_path):
     raw = tmp_path / "raw"
     ingest(
@@ -74,6 +91,9 @@ def test_probe_scores_the_pipelines_test_split(tmp_path):
             "16",
             "--batch-size",
             "8",
+            "--csls-k",
+            "1",
+            "2",
             "--out",
             str(tmp_path / "probe.json"),
         ]  # fmt: skip
@@ -89,6 +109,7 @@ def test_probe_scores_the_pipelines_test_split(tmp_path):
     for key in ("i2t_R1", "t2i_R1", "i2t_R10", "t2i_median_rank"):
         assert key in result["test"]
     assert 0.0 <= result["test"]["i2t_R1"] <= 1.0
+    assert result["test_csls"]["k"] in (1, 2) and 0.0 <= result["test_csls"]["test"]["t2i_R1"] <= 1
 
 
 def test_probe_refuses_untrained_towers(tmp_path):
@@ -111,3 +132,27 @@ def test_feature_cache_is_keyed_by_what_decides_it(tmp_path, monkeypatch):
     assert len(calls) == 2  # the second 224 call came from disk
     assert torch.equal(first.text, again.text)
     assert np.array_equal(first.caption_image, again.caption_image)
+
+
+def test_hubness_bench_scores_a_checkpoint_plain_as_evaluate_does(tmp_path):
+    from bench import hubness
+    from model.metrics import retrieval_metrics
+    from tasks.common.checkpoint import CHECKPOINT, build_model
+    from tasks.common.config import validate
+    from tasks.common.data import embed_split, load_split
+
+    from .conftest import ingest_and_preprocess, tiny_params_dict
+
+    params = validate(tiny_params_dict())
+    prepared = ingest_and_preprocess(tmp_path, params)
+    torch.manual_seed(0)
+    net = build_model(params.model, prepared)
+    (tmp_path / "train").mkdir()
+    torch.save(net.checkpoint(params_hash="t"), tmp_path / "train" / CHECKPOINT)
+    args = ["--train-dir", str(tmp_path / "train"), "--prepared", str(prepared)]
+    result = hubness.main([*args, "--ks", "1", "3", "--out", str(tmp_path / "h.json")])
+    image, text = embed_split(net.eval(), load_split(prepared, "test"), 16)
+    plain = retrieval_metrics(image, text, load_split(prepared, "test", images=False).image_index)
+    assert result["test"] == {k: round(v, 4) for k, v in plain.items()}
+    assert result["k_on_val"] in (1, 3) and set(result["test_csls"]) == set(plain)
+    assert (tmp_path / "h.json").is_file()
