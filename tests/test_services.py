@@ -460,11 +460,13 @@ def _post(s: Services, path: str, body: dict) -> list[dict]:
 
 
 def _task_states(s: Services, flow_run_id: str) -> dict[str, tuple[str, str]]:
-    """Task name (without its run suffix) -> (state name, state message)."""
+    """Task name (without its run suffix) -> (state name, state message). A task run the API has
+    created but not yet given a state (`state: null`, seen under load) is left out."""
     rows = _post(s, "task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
     return {
         r["name"].rsplit("-", 1)[0]: (r["state"]["name"], r["state"].get("message") or "")
         for r in rows
+        if r.get("state")
     }
 
 
