@@ -12,13 +12,12 @@ over train, val and test.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
-from bench.linear_probe import cpu_name, csls_similarity
+from bench.linear_probe import best_k, cpu_name, csls_similarity, emit
 from model.metrics import retrieval_metrics, retrieval_metrics_from_scores
 from tasks.common.checkpoint import load_checkpoint
 from tasks.common.data import embed_split, load_split
@@ -45,8 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
         sim = csls_similarity(*emb[name], *emb["train"], k)
         return retrieval_metrics_from_scores(sim.numpy(), caption_image[name])
 
-    on_val = {k: csls("val", k) for k in args.ks}
-    best = max(args.ks, key=lambda k: on_val[k]["i2t_R1"] + on_val[k]["t2i_R1"])
+    best = best_k(args.ks, lambda k: csls("val", k))
     plain = retrieval_metrics(*(e.numpy() for e in emb["test"]), caption_image["test"])
     result = {
         "train_dir": str(args.train_dir),
@@ -57,10 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": round(time.perf_counter() - start, 1),
         "cpu": cpu_name(),
     }
-    print(json.dumps(result, indent=2))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import math
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,12 +169,25 @@ def csls_similarity(
     return 2 * image @ text.T - image_hub[:, None] - text_hub[None, :]
 
 
+def best_k(ks: list[int], on_val: Callable[[int], dict[str, float]]) -> int:
+    """The k of `ks` whose val metrics have the best mean R@1 (test never chooses)."""
+    scores = {k: on_val(k) for k in ks}
+    return max(ks, key=lambda k: scores[k]["i2t_R1"] + scores[k]["t2i_R1"])
+
+
 def csls(heads: Heads, feats: dict[str, Features], ks: list[int]) -> dict:
     """CSLS with the train split as the bank, its k chosen on val (mean R@1), scored on test."""
-    on_val = {k: score_csls(heads, feats["val"], feats["train"], k) for k in ks}
-    best = max(ks, key=lambda k: on_val[k]["i2t_R1"] + on_val[k]["t2i_R1"])
+    best = best_k(ks, lambda k: score_csls(heads, feats["val"], feats["train"], k))
     test = score_csls(heads, feats["test"], feats["train"], best)
     return {"k": best, "test": {m: round(v, 4) for m, v in test.items()}}
+
+
+def emit(result: dict, out: Path | None) -> dict:
+    """Print `result` as JSON, and write it to `out` too when given."""
+    print(json.dumps(result, indent=2))
+    if out:
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def cached_extract(cache: Path | None, key: dict, *args) -> Features:
@@ -288,10 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
         if len(splits["val"]) < 2:
             raise SystemExit("linear probe: --csls-k chooses k on val, and val is empty")
         result["test_csls"] = csls(heads, feats, args.csls_k)
-    print(json.dumps(result, indent=2))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":
