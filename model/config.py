@@ -28,6 +28,10 @@ class ImageTowerConfig(_Strict):
     # Pixel statistics applied inside encode_image: ImageNet's (right with ImageNet weights) or the
     # training split's, computed by preprocess. Stored as buffers, so checkpoints carry them.
     normalization: Literal["imagenet", "dataset"] = "imagenet"
+    # Dropout on the pooled features before the image head, in training only: where
+    # torchvision's own classifiers put theirs (0.2 for mobilenet_v2). It regularises a head
+    # trained on a frozen tower's features (docs/real_photos.md).
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
 
 class TextTowerConfig(_Strict):
@@ -69,9 +73,12 @@ class MultiScaleConfig(_Strict):
 class ProjectionConfig(_Strict):
     """The heads mapping each tower's pooled output into the shared space."""
 
-    # linear: CLIP's single matrix; mlp: Linear-GELU-Linear (open_clip's `proj_type: mlp`).
-    kind: Literal["linear", "mlp"] = "linear"
-    hidden: int = Field(1024, ge=8)  # mlp only
+    # linear: CLIP's single matrix; mlp: Linear-GELU-Linear (open_clip's `proj_type: mlp`);
+    # residual: the linear matrix plus a zero-initialised Linear-GELU-Dropout-Linear branch, so
+    # it starts as CLIP's head and learns a non-linear correction.
+    kind: Literal["linear", "mlp", "residual"] = "linear"
+    hidden: int = Field(1024, ge=8)  # mlp and residual
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # residual: inside its branch, in training only
 
 
 class ModelConfig(_Strict):

@@ -35,9 +35,28 @@ class Features:
     image_ms: torch.Tensor | None = None  # (B, D) multi-scale embedding, L2-normalised
 
 
+class ResidualProjection(nn.Module):
+    """A linear head plus a non-linear branch that starts at zero, so training begins from
+    CLIP's linear head and the branch only adds what the data supports."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_dim, out_dim, bias=False)
+        self.branch = nn.Sequential(
+            nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out_dim)
+        )
+        nn.init.zeros_(self.branch[-1].weight)
+        nn.init.zeros_(self.branch[-1].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) + self.branch(x)
+
+
 def projection(cfg: ProjectionConfig, in_dim: int, out_dim: int) -> nn.Module:
     if cfg.kind == "linear":
         return nn.Linear(in_dim, out_dim, bias=False)
+    if cfg.kind == "residual":
+        return ResidualProjection(in_dim, out_dim, cfg.hidden, cfg.dropout)
     return nn.Sequential(nn.Linear(in_dim, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, out_dim))
 
 
@@ -53,6 +72,7 @@ class DualEncoder(nn.Module):
         self.visual = ImageTower(cfg.image, load_weights, cfg.allow_downloads)
         self.text = build_text_encoder(cfg.text, load_weights, cfg.allow_downloads)
         text_dim = self.text.config.hidden_size
+        self.image_dropout = nn.Dropout(cfg.image.dropout)
         self.image_proj = projection(cfg.projection, self.visual.out_dim, cfg.embed_dim)
         self.text_proj = projection(cfg.projection, text_dim, cfg.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(cfg.init_logit_scale))
@@ -140,7 +160,8 @@ class DualEncoder(nn.Module):
         return run_blocks(self.text, prefix, attention_mask, cut, len(self.blocks("text")))
 
     def project_image(self, pooled: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.image_proj(pooled), dim=-1)  # (B, D), L2-normalised
+        # (B, D), L2-normalised; the dropout acts in training only
+        return F.normalize(self.image_proj(self.image_dropout(pooled)), dim=-1)
 
     def encode_image_from(self, prefix: torch.Tensor, cut: int) -> torch.Tensor:
         return self.project_image(self.image_from(prefix, cut))

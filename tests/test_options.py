@@ -270,3 +270,39 @@ def test_mlp_projection_heads_train_and_survive_a_checkpoint():
     mlp.eval(), rebuilt.eval()
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(*batch())[0], mlp(*batch())[0])
+
+
+def test_residual_projection_starts_as_the_linear_head_and_learns_a_branch():
+    from model.config import ImageTowerConfig, ProjectionConfig
+
+    cfg = ProjectionConfig(kind="residual", hidden=32, dropout=0.5)
+    net = make(projection=cfg)
+    head = net.image_proj
+    x = torch.randn(5, head.linear.in_features)
+    head.eval()
+    torch.testing.assert_close(head(x), head.linear(x))  # the branch's last layer starts at zero
+    # One optimiser step moves the branch off zero, so the head is no longer linear.
+    head.train()
+    opt = torch.optim.SGD(head.parameters(), lr=0.5)
+    head(x).pow(2).sum().backward()
+    assert head.branch[-1].weight.grad.abs().sum() > 0
+    opt.step()
+    head.eval()
+    assert not torch.allclose(head(x), head.linear(x))
+    # Both towers get it; the config round-trips through a checkpoint.
+    assert type(net.text_proj).__name__ == "ResidualProjection"
+    rebuilt = DualEncoder.from_checkpoint(net.checkpoint())
+    net.eval(), rebuilt.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(*batch())[0], net(*batch())[0])
+
+    # model.image.dropout acts on the pooled features in training only.
+    dropped = make(image=ImageTowerConfig(**{**SCRATCH_IMAGE, "dropout": 0.5}))
+    pooled = torch.rand(4, dropped.visual.out_dim) + 0.1
+    dropped.train()
+    assert not torch.allclose(dropped.project_image(pooled), dropped.project_image(pooled))
+    dropped.eval()
+    torch.testing.assert_close(dropped.project_image(pooled), dropped.project_image(pooled))
+    assert torch.allclose(
+        dropped.project_image(pooled), F.normalize(dropped.image_proj(pooled), dim=-1)
+    )
