@@ -46,17 +46,36 @@ VARIANTS: dict[str, list[str]] = {
     "normalization-imagenet": ["model.image.normalization=imagenet"],
 }
 # Against presets/real-photos.yaml; cheap rows (served by the features cache) first.
+# "preset-2026-11-24" is the earlier preset (2 trainable text blocks, linear heads, 8 epochs of
+# batch 64), which the first real-photo table in docs/ablation.md was measured against.
 REAL_VARIANTS: dict[str, list[str]] = {
     "preset": [],
+    "image-dropout-0": ["model.image.dropout=0.0"],
+    "projection-linear": ["model.projection.kind=linear"],
+    "heads-linear-no-dropout": ["model.projection.kind=linear", "model.image.dropout=0.0"],
+    "projection-dropout-0.7": ["model.projection.dropout=0.7"],
+    "projection-mlp": ["model.projection.kind=mlp"],
+    "embed-dim-512": ["model.embed_dim=512"],
+    "lr-0.002": ["train.lr=0.002"],
+    "epochs-120": ["train.epochs=120"],
     "temperature-fixed": ["train.temperature.mode=fixed"],
     "temperature-scheduled": ["train.temperature.mode=scheduled"],
     "pooling-cls": ["model.text.pooling=cls"],
     "pooling-max": ["model.text.pooling=max"],
-    "projection-mlp": ["model.projection.kind=mlp"],
-    "text-lr-0.0003": ["train.text.lr=0.0003"],
-    "text-dropout-0": ["model.text.dropout=0.0"],
-    "text-blocks-0": ["train.text.trainable_blocks=0"],
-    "text-blocks-4": ["train.text.trainable_blocks=4"],
+    "text-blocks-2-8-epochs": [
+        "train.text.trainable_blocks=2",
+        "train.epochs=8",
+        "train.batch_size=64",
+        "model.embed_dim=128",
+    ],
+    "preset-2026-11-24": [
+        "train.text.trainable_blocks=2",
+        "train.epochs=8",
+        "train.batch_size=64",
+        "model.embed_dim=128",
+        "model.projection.kind=linear",
+        "model.image.dropout=0.0",
+    ],
     "image-blocks-1": ["train.image.trainable_blocks=1"],
     "multiscale-uncertainty": ["model.multiscale.enabled=true", "train.loss.weighting=uncertainty"],
     "fusion-itm": ["model.fusion.enabled=true"],
