@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Strict(BaseModel):
@@ -46,8 +46,11 @@ class TextTowerConfig(_Strict):
     num_heads: int = Field(12, ge=1)
     intermediate_size: int = Field(1536, ge=8)
     max_positions: int = Field(512, ge=8, le=4096)
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)  # BERT's own, inside the blocks that train
     pooling: Literal["cls", "mean", "max"] = "mean"
+    # Dropout on the pooled features before the text head, in training only: model.image.dropout's
+    # counterpart, for a head trained on a frozen tower (docs/real_photos.md).
+    pooled_dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
 
 class FusionConfig(_Strict):
@@ -79,6 +82,10 @@ class ProjectionConfig(_Strict):
     kind: Literal["linear", "mlp", "residual"] = "linear"
     hidden: int = Field(1024, ge=8)  # mlp and residual
     dropout: float = Field(0.0, ge=0.0, lt=1.0)  # residual: inside its branch, in training only
+    # Independent heads per tower, each trained by its own contrastive loss; the embedding
+    # concatenates their L2-normalised outputs (embed_dim / heads each), so a cosine is the mean
+    # of the heads' cosines: an ensemble inside one model.
+    heads: int = Field(1, ge=1, le=16)
 
 
 class ModelConfig(_Strict):
@@ -94,6 +101,17 @@ class ModelConfig(_Strict):
     # False (the default here): weights load only from local files, the torch hub cache and
     # installed packages. True lets torchvision and transformers fetch from their hubs.
     allow_downloads: bool = False
+
+    @model_validator(mode="after")
+    def _heads_fit(self) -> ModelConfig:
+        k = self.projection.heads
+        if self.embed_dim % k:
+            raise ValueError(
+                f"embed_dim {self.embed_dim} is not a multiple of projection.heads {k}"
+            )
+        if k > 1 and self.multiscale.enabled:
+            raise ValueError("projection.heads > 1 does not combine with multiscale.enabled")
+        return self
 
     @property
     def init_logit_scale(self) -> float:

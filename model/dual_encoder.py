@@ -52,7 +52,25 @@ class ResidualProjection(nn.Module):
         return self.linear(x) + self.branch(x)
 
 
+class HeadEnsemble(nn.Module):
+    """Independent heads whose L2-normalised outputs are concatenated and scaled by 1/sqrt(K):
+    the result is unit-norm, and a dot product of two is the mean of the K heads' cosines.
+    ClipLoss(heads=K) trains each head on its own slice."""
+
+    def __init__(self, heads: list[nn.Module]) -> None:
+        super().__init__()
+        self.heads = nn.ModuleList(heads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, K * D), L2-normalised
+        out = [F.normalize(h(x), dim=-1) for h in self.heads]
+        return torch.cat(out, dim=-1) / math.sqrt(len(out))
+
+
 def projection(cfg: ProjectionConfig, in_dim: int, out_dim: int) -> nn.Module:
+    if cfg.heads > 1:
+        one, dim = cfg.model_copy(update={"heads": 1}), out_dim // cfg.heads
+        return HeadEnsemble([projection(one, in_dim, dim) for _ in range(cfg.heads)])
     if cfg.kind == "linear":
         return nn.Linear(in_dim, out_dim, bias=False)
     if cfg.kind == "residual":
@@ -73,6 +91,7 @@ class DualEncoder(nn.Module):
         self.text = build_text_encoder(cfg.text, load_weights, cfg.allow_downloads)
         text_dim = self.text.config.hidden_size
         self.image_dropout = nn.Dropout(cfg.image.dropout)
+        self.text_dropout = nn.Dropout(cfg.text.pooled_dropout)
         self.image_proj = projection(cfg.projection, self.visual.out_dim, cfg.embed_dim)
         self.text_proj = projection(cfg.projection, text_dim, cfg.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(cfg.init_logit_scale))
@@ -118,7 +137,7 @@ class DualEncoder(nn.Module):
 
     def _project_text(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         pooled = pool_text(hidden, attention_mask, self.cfg.text.pooling)  # (B, H)
-        return F.normalize(self.text_proj(pooled), dim=-1)
+        return F.normalize(self.text_proj(self.text_dropout(pooled)), dim=-1)
 
     def blocks(self, tower: str) -> list[nn.Module]:
         """A tower's blocks in input-to-output order ("image": stages; "text": BERT embeddings +

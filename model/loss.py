@@ -21,16 +21,30 @@ class ClipLoss(nn.Module):
     are all-gathered with their gradients and the rank's loss is that of its own rows against the
     whole batch (OpenCLIP's gather_with_grad + local_loss). The ranks' mean is the global batch's
     loss, and DDP's gradient average is its gradient.
+
+    With heads > 1 the embeddings are HeadEnsemble outputs: K slices, each a head's L2-normalised
+    output over sqrt(K). Each head gets its own loss on its own slice, and the result is their
+    mean, so the heads train as independent members of an ensemble.
     """
 
-    def __init__(self, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, rank: int = 0, world_size: int = 1, heads: int = 1) -> None:
         super().__init__()
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.heads = rank, world_size, heads
 
     def forward(
         self, image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor
     ) -> torch.Tensor:
         # image_emb, text_emb: (B, D), L2-normalised; row i of each is a matching pair.
+        if self.heads == 1:
+            return self._loss(image_emb, text_emb, logit_scale)
+        k = self.heads
+        images = (image_emb * k**0.5).chunk(k, dim=-1)  # K x (B, D / K), each L2-normalised
+        texts = (text_emb * k**0.5).chunk(k, dim=-1)
+        return sum(self._loss(i, t, logit_scale) for i, t in zip(images, texts, strict=True)) / k
+
+    def _loss(
+        self, image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor
+    ) -> torch.Tensor:
         if self.world_size == 1:
             logits_per_image = logit_scale * image_emb @ text_emb.T  # (B, B)
             logits_per_text = logits_per_image.T

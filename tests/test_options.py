@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -306,3 +307,73 @@ def test_residual_projection_starts_as_the_linear_head_and_learns_a_branch():
     assert torch.allclose(
         dropped.project_image(pooled), F.normalize(dropped.image_proj(pooled), dim=-1)
     )
+
+
+def test_head_ensemble_scores_the_mean_of_its_heads_and_trains_each_on_its_own_slice():
+    from model.config import ProjectionConfig
+    from model.loss import ClipLoss
+
+    net = make(projection=ProjectionConfig(kind="residual", hidden=16, heads=2)).eval()
+    assert [h.linear.out_features for h in net.image_proj.heads] == [4, 4]  # embed_dim 8 / 2
+    pooled_image = torch.rand(5, net.visual.out_dim)
+    pooled_text = torch.randn(5, net.text.config.hidden_size)
+    with torch.no_grad():
+        image, text = net.image_proj(pooled_image), net.text_proj(pooled_text)
+        # The embedding is unit-norm, and a dot product is the mean of the heads' cosines.
+        torch.testing.assert_close(image.norm(dim=-1), torch.ones(5))
+        heads = zip(net.image_proj.heads, net.text_proj.heads, strict=True)
+        own = [(F.normalize(hi(pooled_image), dim=-1), F.normalize(ht(pooled_text), dim=-1))
+               for hi, ht in heads]  # fmt: skip
+        torch.testing.assert_close(image @ text.T, sum(i @ t.T for i, t in own) / 2)
+        # Each head's loss is on its own slice; a single loss on the joint embedding differs.
+        scale = torch.tensor(10.0)
+        loss = ClipLoss(heads=2)(image, text, scale)
+        torch.testing.assert_close(loss, sum(ClipLoss()(i, t, scale) for i, t in own) / 2)
+        assert not torch.isclose(loss, ClipLoss()(image, text, scale))
+    rebuilt = DualEncoder.from_checkpoint(net.checkpoint()).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(*batch())[1], net(*batch())[1])
+    # The config refuses heads that do not split embed_dim, and the multi-scale head.
+    with pytest.raises(ValueError, match="not a multiple of projection.heads 3"):
+        ModelConfig(embed_dim=8, projection=ProjectionConfig(heads=3))
+    with pytest.raises(ValueError, match="multiscale"):
+        ModelConfig(projection=ProjectionConfig(heads=2), multiscale=MultiScaleConfig(enabled=True))
+
+
+def test_text_pooled_dropout_acts_in_training_only():
+    from model.text_tower import pool as pool_text
+
+    net = make(text=TEXT.model_copy(update={"pooled_dropout": 0.5}))
+    hidden = torch.rand(4, 6, net.text.config.hidden_size) + 0.1
+    mask = torch.ones(4, 6, dtype=torch.int64)
+    net.train()
+    assert not torch.allclose(net._project_text(hidden, mask), net._project_text(hidden, mask))
+    net.eval()
+    pooled = pool_text(hidden, mask, net.cfg.text.pooling)
+    torch.testing.assert_close(
+        net._project_text(hidden, mask), F.normalize(net.text_proj(pooled), dim=-1)
+    )
+
+
+def test_head_ensemble_exports_to_onnx_with_parity(tmp_path):
+    import onnxruntime as ort
+
+    from model.config import ProjectionConfig
+    from tasks.common.config import ExportParams
+    from tasks.export import IMAGE_ONNX, TEXT_ONNX, export_towers
+
+    net = make(projection=ProjectionConfig(kind="residual", hidden=16, heads=2)).eval()
+    export_towers(net, 64, 6, tmp_path, ExportParams().opset)
+    pixels, ids, mask = batch(3)
+    image = ort.InferenceSession(str(tmp_path / IMAGE_ONNX), providers=["CPUExecutionProvider"])
+    text = ort.InferenceSession(str(tmp_path / TEXT_ONNX), providers=["CPUExecutionProvider"])
+    got_image = image.run(None, {image.get_inputs()[0].name: pixels.numpy()})[0]
+    got_text = text.run(
+        None,
+        dict(zip([i.name for i in text.get_inputs()], [ids.numpy(), mask.numpy()], strict=True)),
+    )[0]
+    with torch.no_grad():
+        want_image, want_text, _ = net(pixels, ids, mask)
+    assert got_image.shape == (3, 8)
+    np.testing.assert_allclose(got_image, want_image.numpy(), atol=1e-5)
+    np.testing.assert_allclose(got_text, want_text.numpy(), atol=1e-5)

@@ -108,7 +108,7 @@ def build_trainer(
         model = ddp
     if p.compile:
         model = torch.compile(model)
-    loss_fn = ClipLoss(world.rank, world.size)
+    loss_fn = ClipLoss(world.rank, world.size, net.cfg.projection.heads)
     return Trainer(
         net, p, opt, sched, scaler, weighting, amp_dtype, total, frozen, model, ddp, world, loss_fn
     )
