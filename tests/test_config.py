@@ -175,6 +175,23 @@ def test_preset_lists_only_what_it_changes(preset: Path):
     assert not same, f"{preset.name} restates params.yaml at: {', '.join(same)}"
 
 
+@pytest.mark.parametrize("variants", ["builtin", "real"])
+def test_every_ablation_variant_loads(variants: str):
+    # bench/ablation.py runs each row as overrides on params.yaml (the real rows on the
+    # real-photo preset): a row the config refuses would fail only hours into a run.
+    from bench.ablation import SETS
+
+    presets = [ROOT / "presets" / "real-photos.yaml"] if variants == "real" else []
+    for sets in SETS[variants].values():
+        load_params(PARAMS, overrides=sets, presets=presets)
+    # One that the config refuses says why in one line, without dumping the section.
+    with pytest.raises(ConfigError) as err:
+        load_params(PARAMS, overrides=["model.embed_dim=512", "model.projection.heads=3"])
+    assert str(err.value).splitlines()[1:] == [
+        "  model: embed_dim 512 is not a multiple of projection.heads 3"
+    ]
+
+
 def test_seed_preset_is_the_notes_configuration():
     p = load_params(PARAMS, presets=[ROOT / "presets" / "seed-resnet50-bert.yaml"])
     assert (p.model.image.backbone, p.model.image.weights) == ("resnet50", "IMAGENET1K_V2")

@@ -395,7 +395,10 @@ def _format_errors(err: ValidationError) -> str:
             continue
         msg = e["msg"].removeprefix("Value error, ")
         msg = msg.replace("Input should be ", "must be ")
-        lines.append(f"{key} {msg} (got {e.get('input')!r})")
+        if isinstance(e.get("input"), dict):  # a whole section's own check: its message says it
+            lines.append(f"{key}: {msg}")
+        else:
+            lines.append(f"{key} {msg} (got {e.get('input')!r})")
     return "invalid params:\n  " + "\n  ".join(lines)
 
 
