@@ -78,6 +78,13 @@ def projection(cfg: ProjectionConfig, in_dim: int, out_dim: int) -> nn.Module:
     return nn.Sequential(nn.Linear(in_dim, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, out_dim))
 
 
+def unit_norm(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The head's output, L2-normalised. A HeadEnsemble's already is: normalising it again would
+    add a norm tensor that is 1 for every row, which int8 calibration cannot bin."""
+    out = head(x)
+    return out if isinstance(head, HeadEnsemble) else F.normalize(out, dim=-1)
+
+
 class DualEncoder(nn.Module):
     def __init__(
         self,
@@ -137,7 +144,7 @@ class DualEncoder(nn.Module):
 
     def _project_text(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         pooled = pool_text(hidden, attention_mask, self.cfg.text.pooling)  # (B, H)
-        return F.normalize(self.text_proj(self.text_dropout(pooled)), dim=-1)
+        return unit_norm(self.text_proj, self.text_dropout(pooled))
 
     def blocks(self, tower: str) -> list[nn.Module]:
         """A tower's blocks in input-to-output order ("image": stages; "text": BERT embeddings +
@@ -180,7 +187,7 @@ class DualEncoder(nn.Module):
 
     def project_image(self, pooled: torch.Tensor) -> torch.Tensor:
         # (B, D), L2-normalised; the dropout acts in training only
-        return F.normalize(self.image_proj(self.image_dropout(pooled)), dim=-1)
+        return unit_norm(self.image_proj, self.image_dropout(pooled))
 
     def encode_image_from(self, prefix: torch.Tensor, cut: int) -> torch.Tensor:
         return self.project_image(self.image_from(prefix, cut))

@@ -195,10 +195,10 @@ def extract_raw_images(raw: Path, folder: Path) -> list[Path]:
     return out
 
 
-def export_tiny_bundle(root: Path, variants: list[str]) -> Path:
-    """Ingest, preprocess, an untrained tiny model (seed 0) and its export under `root`:
-    raw/, raw_images/ (raw's images as files), prep/, train/, onnx/ (the bundle, returned) and
-    export.json."""
+def export_tiny_bundle(root: Path, variants: list[str], **sections) -> Path:
+    """Ingest, preprocess, an untrained tiny model (seed 0, `sections` merged into its params)
+    and its export under `root`: raw/, raw_images/ (raw's images as files), prep/, train/, onnx/
+    (the bundle, returned) and export.json."""
     import torch
 
     from tasks.common.checkpoint import CHECKPOINT, build_model
@@ -207,7 +207,7 @@ def export_tiny_bundle(root: Path, variants: list[str]) -> Path:
     from tasks.ingest import ingest
     from tasks.preprocess import preprocess
 
-    params = validate(tiny_params_dict())
+    params = validate(tiny_params_dict(**sections))
     ingest(IngestParams(num_images=16, image_size=40), root / "raw", root / "quarantine.jsonl")
     extract_raw_images(root / "raw", root / "raw_images")
     preprocess(

@@ -119,6 +119,16 @@ def test_int8_variant_is_built_scored_and_served(exported: Path, tmp_path: Path)
 
 
 @pytest.mark.slow
+def test_int8_variant_of_a_head_ensemble(tmp_path: Path):
+    # Each head's output is already unit-norm; a second normalisation would put a constant
+    # (all-ones) norm tensor in the graph, which the Percentile calibrator cannot bin.
+    export_tiny_bundle(
+        tmp_path, ["int8"], model={"embed_dim": 32, "projection": {"kind": "residual", "heads": 2}}
+    )
+    int8 = json.loads((tmp_path / "export.json").read_text())["variants"]["int8"]
+    assert int8["available"], int8.get("reason")
+
+
 def test_batch_inference_flow_on_dask_matches_single_process(exported: Path, tmp_path: Path):
     from dask.distributed import LocalCluster
 
