@@ -53,8 +53,23 @@ def test_parity_check_can_fail(exported: Path):
     net, _ = load_checkpoint(exported / "train")
     with torch.no_grad():
         net.image_proj.weight.add_(0.05)
-    report = check_parity(net, exported / "onnx", exported / "prep", ExportParams())
+    report, _ = check_parity(net, exported / "onnx", exported / "prep", ExportParams())
     assert not report["passed"]
+
+
+def test_parity_returns_the_fp32_test_embeddings_variants_are_scored_against(exported: Path):
+    # build_variants scores fp32 on these instead of embedding the test split a second time.
+    from tasks.common.checkpoint import load_checkpoint
+    from tasks.common.data import load_split
+    from tasks.common.variants import embed_with_onnx
+
+    net, _ = load_checkpoint(exported / "train")
+    _, (img, txt) = check_parity(net, exported / "onnx", exported / "prep", ExportParams())
+    ref_img, ref_txt = embed_with_onnx(
+        exported / "onnx", "fp32", load_split(exported / "prep", "test")
+    )
+    assert img.shape == ref_img.shape and txt.shape == ref_txt.shape
+    assert np.allclose(img, ref_img, atol=1e-6) and np.allclose(txt, ref_txt, atol=1e-6)
 
 
 def test_infer_skips_unreadable_images_and_writes_everything(exported: Path, tmp_path: Path):
@@ -228,7 +243,7 @@ def test_calibration_is_collected_one_batch_at_a_time(exported, tmp_path):
     pixels = to_pixels(load_split(exported / "prep", "train").images).numpy()
     reader = Counting(pixels, batch=4)
     src = preprocessed(exported / "onnx" / "image_encoder.onnx", tmp_path)
-    quantize_image(src, tmp_path / "q.onnx", reader, tmp_path / "cache.json", [])
+    quantize_image(src, tmp_path / "q.onnx", reader, tmp_path / "cache.json", [], 99.999)
     n = len(reader)
     assert n == -(-len(pixels) // 4) > 1
     assert reader.ranges == [(i, i + 1) for i in range(n)] and reader.fed == len(pixels)
