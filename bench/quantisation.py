@@ -160,11 +160,15 @@ def main() -> None:
         for k in range(2, 13, 2):
             path = tmp / f"image_k{k}.onnx"
             reader = variants.Calibration(calib) if not cache.exists() else None
-            variants.quantize_image(pre_image, path, reader, cache, convs[:k])
+            variants.quantize_image(
+                pre_image, path, reader, cache, convs[:k], params.export.int8.percentile
+            )
             out.append(image_row(f"Percentile, reduce_range, first {k} convs fp32", path))
         if args.layers:
             all_int8 = tmp / "image_all_int8.onnx"
-            variants.quantize_image(pre_image, all_int8, None, cache, [])
+            variants.quantize_image(
+                pre_image, all_int8, None, cache, [], params.export.int8.percentile
+            )
             out += ["", *layer_errors(pre_image, all_int8, pixels[:64], tmp)]
     print("\n".join(out))
 

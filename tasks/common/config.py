@@ -281,6 +281,9 @@ class Int8Params(_Section):
     # (docs/quantisation.md).
     min_cosine: float = Field(0.992, gt=0.0, le=1.0)
     max_fp32_convs: int = Field(16, ge=0)
+    # Percentile calibration: activation ranges cover this percentile of the calibration images'
+    # values (onnxruntime's default, 99.999). Lower clips more outliers and rounds the rest finer.
+    percentile: float = Field(99.999, gt=50.0, le=100.0)
 
 
 class ExportParams(_Section):

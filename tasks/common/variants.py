@@ -90,14 +90,20 @@ def conv_nodes(model: Path) -> list[str]:
 
 
 def quantize_image(
-    src: Path, dst: Path, calibration: Calibration | None, cache: Path, fp32_nodes: list[str]
+    src: Path,
+    dst: Path,
+    calibration: Calibration | None,
+    cache: Path,
+    fp32_nodes: list[str],
+    percentile: float,
 ) -> None:
     """Static QDQ int8 of the image tower; the tensor ranges are calibrated once into `cache`.
 
     reduce_range (7-bit weights): x86 CPUs without VNNI (AVX2 and AVX-512 without VNNI, such as
     the 2-core AMD EPYC here) compute u8 x s8 products with vpmaddubsw, whose int16 sums saturate;
     on this machine full-range weights cost 10 points of image->text R@1 (docs/quantisation.md).
-    Percentile calibration clips the rare extreme activations a MinMax range stretches to.
+    Percentile calibration clips the rare extreme activations a MinMax range stretches to;
+    `percentile` (export.int8.percentile) says where, and only matters while `cache` is written.
     """
     quantize_static(
         str(src),
@@ -111,7 +117,8 @@ def quantize_image(
         calibrate_method=CalibrationMethod.Percentile,
         nodes_to_exclude=fp32_nodes,
         calibration_cache_path=cache,
-        extra_options={"CalibStridedMinMax": 1},  # one batch in memory at a time (above)
+        # CalibStridedMinMax: one batch in memory at a time (above).
+        extra_options={"CalibStridedMinMax": 1, "CalibPercentile": percentile},
     )
 
 
@@ -156,7 +163,7 @@ def build_int8(
         best: tuple[float, int, Path] | None = None
         for k in range(0, min(p.max_fp32_convs, len(convs)) + 1, 2):
             candidate = tmp / f"image_int8_k{k}.onnx"
-            quantize_image(src, candidate, reader, cache, convs[:k])
+            quantize_image(src, candidate, reader, cache, convs[:k], p.percentile)
             reader = None  # ranges are cached after the first build
             cosine = mean_cosine(embed_images(candidate, validation), reference)
             tried.append({"fp32_convs": k, "val_cosine": round(cosine, 6)})
@@ -177,6 +184,7 @@ def build_int8(
         "image_convs": len(convs),
         "val_cosine": round(cosine, 6),
         "min_cosine": p.min_cosine,
+        "percentile": p.percentile,
         "searched": tried,
     }
 
