@@ -247,3 +247,23 @@ def test_calibration_is_collected_one_batch_at_a_time(exported, tmp_path):
     n = len(reader)
     assert n == -(-len(pixels) // 4) > 1
     assert reader.ranges == [(i, i + 1) for i in range(n)] and reader.fed == len(pixels)
+
+
+def test_int8_percentile_sets_the_calibrated_ranges(exported: Path, tmp_path: Path):
+    # export.int8.percentile reaches the calibrator: a lower percentile clips the ranges.
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    from tasks.common.data import load_split, to_pixels
+    from tasks.common.variants import Calibration, preprocessed, quantize_image
+
+    pixels = to_pixels(load_split(exported / "prep", "train").images).numpy()
+    src = preprocessed(exported / "onnx" / "image_encoder.onnx", tmp_path)
+    widths = {}
+    for pct in (90.0, 100.0):
+        cache = tmp_path / f"cache{pct}.json"
+        quantize_image(src, tmp_path / f"q{pct}.onnx", Calibration(pixels, 4), cache, [], pct)
+        ranges = load_tensors_data(cache).data
+        widths[pct] = {k: float(np.max(r.highest - r.lowest)) for k, r in ranges.items()}
+    assert widths[90.0].keys() == widths[100.0].keys()
+    assert all(widths[90.0][k] <= widths[100.0][k] + 1e-6 for k in widths[90.0])
+    assert sum(widths[90.0].values()) < 0.9 * sum(widths[100.0].values())
