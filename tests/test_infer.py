@@ -133,7 +133,6 @@ def test_int8_variant_is_built_scored_and_served(exported: Path, tmp_path: Path)
     assert res.images == 16 and res.errors == 0
 
 
-@pytest.mark.slow
 def test_int8_variant_of_a_head_ensemble(tmp_path: Path):
     # Each head's output is already unit-norm; a second normalisation would put a constant
     # (all-ones) norm tensor in the graph, which the Percentile calibrator cannot bin.
@@ -144,6 +143,7 @@ def test_int8_variant_of_a_head_ensemble(tmp_path: Path):
     assert int8["available"], int8.get("reason")
 
 
+@pytest.mark.slow
 def test_batch_inference_flow_on_dask_matches_single_process(exported: Path, tmp_path: Path):
     from dask.distributed import LocalCluster
 
