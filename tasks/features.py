@@ -5,12 +5,19 @@ the same output every epoch, so the stage computes it once for the train and val
 train runs only the trainable blocks on it. For the image tower that is the output of its frozen
 stages (pooled when every stage is frozen); for the text tower, the token states after its
 frozen BERT blocks. DVC keys the cache: the stage depends on the prepared data (its version and
-resolution), the towers and their trainable depth, so a change to any of them reruns it.
-Evaluation and export use the whole model as before.
+resolution), the towers, their trainable depth and the augmentation, so a change to any of them
+reruns it. Evaluation and export use the whole model as before.
+
+A flip has two outcomes, so with `train.augment.hflip` the image prefix of every train image
+flipped left to right is cached too, and train picks one of the two views per image and step.
+Random crops (`train.augment.crop_scale`) have no such finite set and keep the image tower
+uncached.
 
 Writes `<features>/meta.json` always, saying per tower what is cached or why not, and where a
 tower is cached, per split:
   image_{split}.npy         (N, ...) float32, rows in the prepared split's image order
+  image_train_hflip.npy     (N, ...) the same of each train image flipped left to right, with
+                            train.augment.hflip only (val is never augmented)
   text_{split}.npy          (T, H) float32, every caption's real-token states, concatenated
   text_{split}_offsets.npy  (C + 1,) caption c's rows are offsets[c]:offsets[c + 1]
 """
@@ -62,8 +69,8 @@ def why_not_cached(p: FeaturesParams, cfg: ModelConfig, train: TrainParams) -> d
         reasons["image"] = "the frozen image stages are untrained (model.image.weights: none)"
     elif cfg.fusion.enabled or cfg.multiscale.enabled:
         reasons["image"] = "the fusion or multi-scale head needs the tower's feature maps"
-    elif train.augment.crop_scale is not None or train.augment.hflip:
-        reasons["image"] = "train.augment changes the pixels every epoch"
+    elif train.augment.crop_scale is not None:
+        reasons["image"] = "train.augment.crop_scale draws new crops every epoch"
     if train.text.trainable_blocks is None:
         reasons["text"] = "the whole text tower trains (train.text.trainable_blocks is null)"
     elif cfg.text.pretrained is None:
@@ -74,12 +81,17 @@ def why_not_cached(p: FeaturesParams, cfg: ModelConfig, train: TrainParams) -> d
 
 
 @torch.no_grad()
-def image_prefix(net: DualEncoder, images: Rows, cut: int, batch: int, out: Path) -> None:
+def image_prefix(
+    net: DualEncoder, images: Rows, cut: int, batch: int, out: Path, hflip: bool = False
+) -> None:
     """Write the (N, ...) float32 output of the first `cut` image stages to `out`, a chunk of
-    uint8 (B, S, S, 3) images at a time."""
+    uint8 (B, S, S, 3) images at a time; `hflip`: of the images flipped left to right."""
     writer = NpyWriter(out, len(images))
     for chunk in images.chunks(batch):
-        writer.write(net.image_prefix(to_pixels(chunk), cut).numpy().astype(np.float32))
+        pixels = to_pixels(chunk)  # (B, 3, S, S)
+        if hflip:
+            pixels = pixels.flip(-1)
+        writer.write(net.image_prefix(pixels, cut).numpy().astype(np.float32))
     writer.close()
 
 
@@ -122,9 +134,13 @@ def features(
                     reasons[tower] = f"train.{tower}.trainable_blocks covers every block"
         for name in CACHED_SPLITS:
             if (Path(prepared) / name).is_dir():
-                counts[name] = _cache_split(net, cuts, Path(prepared), name, p.batch_size, out)
+                hflip = name == "train" and train.augment.hflip
+                counts[name] = _cache_split(
+                    net, cuts, Path(prepared), name, p.batch_size, out, hflip
+                )
+    hflip = bool(cuts["image"]) and train.augment.hflip
     meta = {
-        "image": {"cut": cuts["image"], "reason": reasons.get("image", "")},
+        "image": {"cut": cuts["image"], "reason": reasons.get("image", ""), "hflip": hflip},
         "text": {"cut": cuts["text"], "reason": reasons.get("text", "")},
         **cache_identity(cfg),
         "counts": counts,
@@ -133,10 +149,15 @@ def features(
     return FeaturesResult(cuts, reasons, counts)
 
 
-def _cache_split(net: DualEncoder, cuts: dict, prepared: Path, name: str, batch: int, out: Path):
+def _cache_split(
+    net: DualEncoder, cuts: dict, prepared: Path, name: str, batch: int, out: Path, hflip: bool
+) -> int:
     data = load_split(prepared, name, images=bool(cuts["image"]))
     if cuts["image"]:
         image_prefix(net, data.images, cuts["image"], batch, out / f"image_{name}.npy")
+        if hflip:
+            image_prefix(net, data.images, cuts["image"], batch, out / f"image_{name}_hflip.npy",
+                         hflip=True)  # fmt: skip
     if cuts["text"]:
         offsets = text_prefix(net, data, cuts["text"], batch, out / f"text_{name}.npy")
         np.save(out / f"text_{name}_offsets.npy", offsets)

@@ -4,6 +4,7 @@ same as training through the towers."""
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +58,8 @@ def test_each_tower_is_cached_only_when_its_frozen_prefix_is_fixed():
         ({"model": {"text": {"pretrained": None}}}, {"text": "untrained"}),
         ({"model": {"fusion": {"enabled": True}}}, {"image": "feature maps"}),
         ({"model": {"multiscale": {"enabled": True}}}, {"image": "feature maps"}),
-        ({"train": {"augment": {"crop_scale": [0.6, 1.0]}}}, {"image": "augment"}),
+        ({"train": {"augment": {"crop_scale": [0.6, 1.0]}}}, {"image": "crop_scale"}),
+        ({"train": {"augment": {"hflip": True}}}, {}),  # two views, both cached
     ]  # fmt: skip
     for change, want in cases:
         reasons = why_not_cached(*_sections(deep_merge(base, change)))
@@ -167,3 +169,29 @@ def test_cache_of_another_split_size_is_refused(prepared):
     offsets = np.zeros(len(data.input_ids))  # one short
     with pytest.raises(ValueError, match="captions"):
         TrainBatches(data, params.train, PrefixCache(0, None, 5, np.zeros((1, 4)), offsets))
+
+
+def test_flips_are_cached_as_a_second_view_and_train_as_pixels_do(prepared):
+    root, params = prepared
+    flip = params.train.model_copy(
+        update={"augment": params.train.augment.model_copy(update={"hflip": True})}
+    )
+    features(params.features, params.model, flip, root / "prep", root / "feat-flip")
+    assert json.loads((root / "feat-flip" / "meta.json").read_text())["image"]["hflip"]
+    assert not (root / "feat-flip" / "image_val_hflip.npy").exists()  # val is never augmented
+    cache = load_features(root / "feat-flip", "train", params.model, (19, 5))
+    net = build_model(params.model, root / "prep").eval()
+    pixels = to_pixels(load_split(root / "prep", "train").images)
+    with torch.no_grad():
+        live = net.pooled_image(pixels.flip(-1))
+    np.testing.assert_allclose(cache.image_hflip[:], live.numpy(), atol=1e-5)
+    assert not np.allclose(cache.image_hflip[:], cache.image[:], atol=1e-3)
+    losses = {}
+    for name, feats in (("cached", root / "feat-flip"), ("towers", None), ("no-flip", None)):
+        out = root / f"train-flip-{name}"
+        p = params.train if name == "no-flip" else flip
+        train(p, params.model, root / "prep", out, out / "history.csv", NullSink(), features=feats)
+        with open(out / "history.csv") as f:
+            losses[name] = [float(row["loss"]) for row in csv.DictReader(f)]
+    np.testing.assert_allclose(losses["cached"], losses["towers"], rtol=1e-4)
+    assert not np.allclose(losses["cached"], losses["no-flip"], rtol=1e-4)

@@ -129,3 +129,35 @@ def test_cached_prefixes_replace_pixels_and_tokens(prepared):
         cap = np.flatnonzero(lengths == k)
         starts = offsets[cap]
         assert any((hidden[row, :k].numpy() == states[s : s + k]).all() for s in starts)
+
+
+def test_flips_come_from_the_cached_flipped_view_and_split_across_ranks(prepared):
+    prep, params = prepared
+    data = load_split(prep, "train", images=False)
+    n = len(data)
+    plain = np.arange(1, n * 4 + 1, dtype=np.float32).reshape(n, 4)
+    flipped_only = params.train.model_copy(
+        update={"augment": params.train.augment.model_copy(update={"crop_scale": None,
+                                                                   "hflip": True})}
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="no flipped view"):
+        TrainBatches(data, flipped_only, PrefixCache(19, plain))
+    cache = PrefixCache(19, plain, image_hflip=-plain)  # a flipped row is its negative
+    whole = TrainBatches(data, flipped_only, cache)
+    views = []
+    for step in range(len(whole)):
+        image = whole[step][0].numpy()
+        epoch, b = divmod(step, whole.per_epoch)
+        idx = np.sort(whole.order(epoch)[b * 5 : (b + 1) * 5])
+        np.testing.assert_array_equal(np.abs(image), plain[idx])  # the right images, either view
+        views.append(image[:, 0] < 0)
+    views = np.concatenate(views)
+    assert 0.2 < views.mean() < 0.8  # both views are drawn
+    # Two ranks of a batch of 4 draw the flips of the whole batch: their halves are its rows.
+    even = flipped_only.model_copy(update={"batch_size": 4})
+    one = TrainBatches(data, even, cache)[3][0]
+    halves = [TrainBatches(data, even, cache, rank, 2)[3][0] for rank in (0, 1)]
+    torch.testing.assert_close(torch.cat(halves), one)
+    # Without the flag the flipped view is never read.
+    assert (TrainBatches(data, params.train.model_copy(update={"augment": flipped_only.augment
+            .model_copy(update={"hflip": False})}), cache)[0][0] > 0).all()  # fmt: skip

@@ -249,6 +249,7 @@ class PrefixCache:
     text_cut: int = 0
     text: Rows | None = None  # (T, H) every caption's real-token states, concatenated
     text_offsets: np.ndarray | None = None  # (C + 1,) caption c's rows: offsets[c]:offsets[c+1]
+    image_hflip: Rows | None = None  # (N, ...) like `image`, of every image flipped left to right
 
     def text_batch(self, captions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Token states (B, L, H) of `captions`, padded to the longest, and their mask (B, L)."""
@@ -300,9 +301,11 @@ def load_features(
         )
     d = Path(features_dir)
     image_cut, text_cut = built_cuts
+    flipped = d / f"image_{split}_hflip.npy"
     return PrefixCache(
         image_cut=image_cut,
         image=Rows([d / f"image_{split}.npy"]) if image_cut else None,
+        image_hflip=Rows([flipped]) if image_cut and flipped.is_file() else None,
         text_cut=text_cut,
         text=Rows([d / f"text_{split}.npy"]) if text_cut else None,
         text_offsets=np.load(d / f"text_{split}_offsets.npy") if text_cut else None,

@@ -45,10 +45,14 @@ class TrainBatches(Dataset):
     (B, 3, S, S) in [0, 1], or the cached frozen prefix; text is token ids (B, L) or the cached
     token states (B, L, H). One caption per image per step, drawn at random.
 
+    With train.augment.hflip alone (no crops) the rows to flip are drawn here with the captions:
+    cached images come from the features stage's flipped view, pixels are flipped, and the two
+    paths train alike.
+
     Under DDP, rank r of `world` takes the r-th contiguous share of each global batch: the ranks
-    together see exactly the batch one process would, and the captions drawn for it. Random crops
-    are drawn per rank (seeded with the rank too), so with augmentation on they depend on the
-    number of ranks."""
+    together see exactly the batch one process would, and the captions and flips drawn for it.
+    Random crops are drawn per rank (seeded with the rank too), so with crops on they depend on
+    the number of ranks."""
 
     def __init__(
         self,
@@ -61,6 +65,7 @@ class TrainBatches(Dataset):
         cache = cache or PrefixCache()
         for what, cached, want in (
             ("images", cache.image, len(data)),
+            ("flipped images", cache.image_hflip, len(data)),
             ("captions", cache.text_offsets, len(data.input_ids) + 1),
         ):
             if cached is not None and len(cached) != want:
@@ -68,6 +73,12 @@ class TrainBatches(Dataset):
                     f"the features cache does not match the prepared train {what} "
                     f"({len(cached)} rows for {want}): rerun the features stage"
                 )
+        self.flip_only = p.augment.hflip and p.augment.crop_scale is None
+        if self.flip_only and cache.image is not None and cache.image_hflip is None:
+            raise ValueError(
+                "train.augment.hflip is on but the features cache has no flipped view of the "
+                "train images: rerun the features stage"
+            )
         self.data, self.p, self.cache = data, p, cache
         self.rank, self.share = rank, p.batch_size // world
         self.per_epoch = len(data) // p.batch_size
@@ -95,10 +106,14 @@ class TrainBatches(Dataset):
         offsets = self.data.caption_offsets
         counts = offsets[idx + 1] - offsets[idx]
         cap = offsets[idx] + (rng.random(len(idx)) * counts).astype(np.int64)
+        flip = rng.random(len(idx)) < 0.5 if self.flip_only else np.zeros(len(idx), bool)
         mine = slice(self.rank * self.share, (self.rank + 1) * self.share)
-        idx, cap = idx[mine], cap[mine]
+        idx, cap, flip = idx[mine], cap[mine], flip[mine]
         if self.cache.image is not None:
-            image = torch.from_numpy(self.cache.image[idx])  # the frozen stages' output
+            image = torch.from_numpy(self._cached_images(idx, flip))
+        elif self.flip_only:
+            image, rows = to_pixels(self.data.images[idx]), torch.from_numpy(flip)  # (B, 3, S, S)
+            image[rows] = image[rows].flip(-1)
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(int(rng.integers(2**63)) + self.rank)
@@ -109,6 +124,15 @@ class TrainBatches(Dataset):
             text = torch.from_numpy(self.data.input_ids[cap].astype(np.int64))
             mask = torch.from_numpy(self.data.attention_mask[cap].astype(np.int64))
         return image, text, mask
+
+    def _cached_images(self, idx: np.ndarray, flip: np.ndarray) -> np.ndarray:
+        """The frozen stages' output (B, ...) of images `idx`, the flipped view where `flip`."""
+        if not flip.any():
+            return self.cache.image[idx]
+        out = np.empty((len(idx), *self.cache.image.shape[1:]), self.cache.image.dtype)
+        out[~flip] = self.cache.image[idx[~flip]]
+        out[flip] = self.cache.image_hflip[idx[flip]]
+        return out
 
 
 def train_loader(
