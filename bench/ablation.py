@@ -51,11 +51,13 @@ VARIANTS: dict[str, list[str]] = {
 # text blocks, linear heads, 8 epochs of batch 64). The rows that need the image tower's feature
 # maps, and those that recreate a single-head preset, set one head: embed_dim must divide by it.
 ONE_HEAD = ["model.projection.heads=1", "model.embed_dim=256"]
+NO_FLIP = ["train.augment.hflip=false"]
 REAL_VARIANTS: dict[str, list[str]] = {
     "preset": [],
+    "hflip-off": NO_FLIP,  # the three-head preset of 2026-11-25, before flips
     "heads-1": ONE_HEAD,
     "text-pooled-dropout-0": ["model.text.pooled_dropout=0.0"],
-    "preset-2026-11-25": [*ONE_HEAD, "model.text.pooled_dropout=0.0"],
+    "preset-2026-11-25": [*ONE_HEAD, "model.text.pooled_dropout=0.0", *NO_FLIP],
     "heads-5": ["model.projection.heads=5", "model.embed_dim=1280"],
     "image-dropout-0": ["model.image.dropout=0.0"],
     "projection-linear": ["model.projection.kind=linear"],
@@ -84,6 +86,7 @@ REAL_VARIANTS: dict[str, list[str]] = {
         "model.projection.heads=1",
         "model.image.dropout=0.0",
         "model.text.pooled_dropout=0.0",
+        *NO_FLIP,
     ],
     "image-blocks-1": ["train.image.trainable_blocks=1"],
     "multiscale-uncertainty": [
