@@ -82,17 +82,21 @@ def why_not_cached(p: FeaturesParams, cfg: ModelConfig, train: TrainParams) -> d
 
 @torch.no_grad()
 def image_prefix(
-    net: DualEncoder, images: Rows, cut: int, batch: int, out: Path, hflip: bool = False
+    net: DualEncoder, images: Rows, cut: int, batch: int, out: Path, flipped: Path | None = None
 ) -> None:
     """Write the (N, ...) float32 output of the first `cut` image stages to `out`, a chunk of
-    uint8 (B, S, S, 3) images at a time; `hflip`: of the images flipped left to right."""
-    writer = NpyWriter(out, len(images))
+    uint8 (B, S, S, 3) images at a time, and with `flipped` that of the images flipped left to
+    right, from the same read of each chunk."""
+    plain = NpyWriter(out, len(images))
+    mirror = NpyWriter(flipped, len(images)) if flipped is not None else None
     for chunk in images.chunks(batch):
         pixels = to_pixels(chunk)  # (B, 3, S, S)
-        if hflip:
-            pixels = pixels.flip(-1)
-        writer.write(net.image_prefix(pixels, cut).numpy().astype(np.float32))
-    writer.close()
+        plain.write(net.image_prefix(pixels, cut).numpy().astype(np.float32))
+        if mirror is not None:
+            mirror.write(net.image_prefix(pixels.flip(-1), cut).numpy().astype(np.float32))
+    plain.close()
+    if mirror is not None:
+        mirror.close()
 
 
 @torch.no_grad()
@@ -134,13 +138,16 @@ def features(
                     reasons[tower] = f"train.{tower}.trainable_blocks covers every block"
         for name in CACHED_SPLITS:
             if (Path(prepared) / name).is_dir():
-                hflip = name == "train" and train.augment.hflip
+                flip = name == "train" and train.augment.hflip  # val is never augmented
                 counts[name] = _cache_split(
-                    net, cuts, Path(prepared), name, p.batch_size, out, hflip
+                    net, cuts, Path(prepared), name, p.batch_size, out, flip
                 )
-    hflip = bool(cuts["image"]) and train.augment.hflip
     meta = {
-        "image": {"cut": cuts["image"], "reason": reasons.get("image", ""), "hflip": hflip},
+        "image": {
+            "cut": cuts["image"],
+            "reason": reasons.get("image", ""),
+            "hflip": bool(cuts["image"]) and train.augment.hflip,
+        },
         "text": {"cut": cuts["text"], "reason": reasons.get("text", "")},
         **cache_identity(cfg),
         "counts": counts,
@@ -154,10 +161,8 @@ def _cache_split(
 ) -> int:
     data = load_split(prepared, name, images=bool(cuts["image"]))
     if cuts["image"]:
-        image_prefix(net, data.images, cuts["image"], batch, out / f"image_{name}.npy")
-        if hflip:
-            image_prefix(net, data.images, cuts["image"], batch, out / f"image_{name}_hflip.npy",
-                         hflip=True)  # fmt: skip
+        flipped = out / f"image_{name}_hflip.npy" if hflip else None
+        image_prefix(net, data.images, cuts["image"], batch, out / f"image_{name}.npy", flipped)
     if cuts["text"]:
         offsets = text_prefix(net, data, cuts["text"], batch, out / f"text_{name}.npy")
         np.save(out / f"text_{name}_offsets.npy", offsets)
